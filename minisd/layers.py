@@ -193,8 +193,13 @@ class Module:
     def extra_repr(self) -> str:
         return ""
 
+    def describe(self) -> str:
+        """One line naming this layer and its settings, e.g. "Conv2d(3, 16, kernel_size=(3, 3), ...)";
+        error messages start with it."""
+        return f"{type(self).__name__}({self.extra_repr()})"
+
     def __repr__(self) -> str:
-        head = f"{type(self).__name__}({self.extra_repr()})"
+        head = self.describe()
         if not self._modules:
             return head
         lines = [f"{type(self).__name__}("]
@@ -211,21 +216,21 @@ class Module:
         shape = getattr(x, "shape", None)
         if shape is None or len(shape) != ndim:
             raise ValueError(
-                f"{self!r}: expected a {ndim}-D input {layout}, got "
+                f"{self.describe()}: expected a {ndim}-D input {layout}, got "
                 f"{'shape ' + str(tuple(shape)) if shape is not None else type(x).__name__}"
             )
         if channels is not None and shape[1] != channels:
-            raise ValueError(f"{self!r}: expected {channels} channels at axis 1, got input of shape {tuple(shape)}")
+            raise ValueError(f"{self.describe()}: expected {channels} channels at axis 1, got input of shape {tuple(shape)}")
         reference = next(iter(self.params.values()), None)
         if reference is not None:
             if x.dtype != reference.dtype:
                 raise ValueError(
-                    f"{self!r}: expected input dtype {reference.dtype} (the layer's dtype), got {x.dtype}; "
+                    f"{self.describe()}: expected input dtype {reference.dtype} (the layer's dtype), got {x.dtype}; "
                     "cast the input or call .to(dtype=...)"
                 )
             if backend.backend_of(x) != backend.backend_of(reference):
                 raise ValueError(
-                    f"{self!r}: input is a {backend.backend_of(x)} array but the layer lives on "
+                    f"{self.describe()}: input is a {backend.backend_of(x)} array but the layer lives on "
                     f"{backend.backend_of(reference)}; move one with backend.to_device or module.to"
                 )
 
@@ -238,10 +243,10 @@ class Module:
     def _take(self, dy):
         """Fetch (and release) the kept cache, checking that backward follows forward and dy's shape."""
         if self._cache is None:
-            raise ValueError(f"{self!r}: backward called before forward (or twice for one forward)")
+            raise ValueError(f"{self.describe()}: backward called before forward (or twice for one forward)")
         if tuple(getattr(dy, "shape", ())) != self._out_shape:
             raise ValueError(
-                f"{self!r}: expected a gradient of shape {self._out_shape} (the forward output), "
+                f"{self.describe()}: expected a gradient of shape {self._out_shape} (the forward output), "
                 f"got {tuple(getattr(dy, 'shape', ()))}"
             )
         cache, self._cache = self._cache, None
@@ -369,7 +374,7 @@ class BatchNorm2d(Module):
         else:
             self._check_input(x, 4, self.num_features)
         if self.training and x.size // x.shape[1] < 2:
-            raise ValueError(f"{self!r}: training needs more than one value per channel, got input of shape {x.shape}")
+            raise ValueError(f"{self.describe()}: training needs more than one value per channel, got input of shape {x.shape}")
         y, cache = F.batch_norm_forward(
             x, self.params["weight"], self.params["bias"],
             self.buffers["running_mean"], self.buffers["running_var"], self.training, self.eps,

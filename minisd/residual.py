@@ -112,7 +112,7 @@ class SubsampleZeroPad(Module):
         super().__init__()
         self.in_channels, self.out_channels, self.stride = int(in_channels), int(out_channels), int(stride)
         if self.out_channels < self.in_channels:
-            raise ValueError(f"{self!r}: out_channels must be >= in_channels")
+            raise ValueError(f"{self.describe()}: out_channels must be >= in_channels")
 
     def extra_repr(self):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
@@ -201,7 +201,7 @@ class BasicBlock(Module):
             return
         mask = numpy.asarray(backend.to_numpy(gate))
         if self.mode != "row" or mask.ndim != 1 or mask.dtype != bool:
-            raise ValueError(f"{self!r}: force_gate expects True, False, None, or (row mode) a 1-D bool array; "
+            raise ValueError(f"{self.describe()}: force_gate expects True, False, None, or (row mode) a 1-D bool array; "
                              f"got {gate!r}")
         self._forced_gate = mask
 
@@ -221,7 +221,7 @@ class BasicBlock(Module):
         if forced is not None:
             if isinstance(forced, numpy.ndarray):
                 if forced.shape != (batch_size,):
-                    raise ValueError(f"{self!r}: forced row gate has shape {forced.shape}, batch has {batch_size} samples")
+                    raise ValueError(f"{self.describe()}: forced row gate has shape {forced.shape}, batch has {batch_size} samples")
                 return forced.copy()
             return numpy.full(batch_size, forced, dtype=bool)
         if self.survival_prob >= 1.0:

@@ -204,7 +204,8 @@ def device_rng():
     """A generator on the current backend (``cupy.random.default_rng`` on the GPU), seeded by :func:`seed`."""
     if _state["device_rng"] is None:
         module = xp()
-        if name() == "cupy":
+        if name() in ("cupy", "cupy-names"):
+            # cupy-names: the guard's default_rng, which offers only cupy.random.Generator's methods.
             _state["device_rng"] = module.random.default_rng(_state["seed"])
         else:
             _state["device_rng"] = numpy.random.default_rng(_state["seed"])

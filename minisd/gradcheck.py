@@ -144,9 +144,10 @@ def numerical_gradient(f, x, dy, eps=1e-5, indices=None):
     for i in indices:
         original = flat[i].item()
         flat[i] = original + eps
-        plus = numpy.asarray(backend.to_numpy(f()), dtype=numpy.float64)
+        # numpy.array copies: an output that aliases x (Identity) must not change with the next step.
+        plus = numpy.array(backend.to_numpy(f()), dtype=numpy.float64)
         flat[i] = original - eps
-        minus = numpy.asarray(backend.to_numpy(f()), dtype=numpy.float64)
+        minus = numpy.array(backend.to_numpy(f()), dtype=numpy.float64)
         flat[i] = original
         # Difference the outputs before weighting and summing: subtracting two large sums would
         # cancel most significant digits.
@@ -155,8 +156,8 @@ def numerical_gradient(f, x, dy, eps=1e-5, indices=None):
 
 
 def _contiguous_copy(x):
-    xp = backend.array_module(x)
-    return xp.ascontiguousarray(x).copy()
+    # x.copy(order="C"), not ascontiguousarray: that one turns a 0-d array (a loss) into shape (1,).
+    return x.copy(order="C")
 
 
 def _upstream_rng(seed):
@@ -296,7 +297,7 @@ def directional_check(module, x, eps=1e-5, tol=1e-6, seed=0, raise_on_fail=False
         def output_at(step):
             for a, a0, d in zip(arrays, originals, directions):
                 a[...] = a0 + step * d
-            value = numpy.asarray(backend.to_numpy(module(x)), dtype=numpy.float64)
+            value = numpy.array(backend.to_numpy(module(x)), dtype=numpy.float64)  # a copy: see above
             for a, a0 in zip(arrays, originals):
                 a[...] = a0  # restore exactly, not by subtracting (rounding would drift)
             return value

@@ -1,0 +1,306 @@
+"""gradcheck.py checks itself: it must FAIL on planted bugs and pass on the real code.
+
+Planted bugs: a batch norm whose backward returns dx = 0, a transposed conv weight gradient, and a
+backward that writes into the dy it was given. Plus why the upstream gradient must be random: with
+an all-ones dy the numerical gradient of a batch norm is zero, so the dx = 0 bug would agree.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import assert_check, dev, host
+from minisd import backend, functional as F, layers, residual
+from minisd.gradcheck import (GradientCheckError, check_module, check_pair, directional_check,
+                              frozen_randomness, numerical_gradient, rel_error)
+
+TOL = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# rel_error and numerical_gradient
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rel_error_definition():
+    assert rel_error(dev(np.array([1.0, 2.0])), dev(np.array([1.0, 2.0]))) == 0.0
+    assert rel_error(np.array([1.0]), np.array([3.0])) == pytest.approx(0.5)   # 2 / 4
+    assert rel_error(np.array([0.0, 1.0]), np.array([0.0, -1.0])) == pytest.approx(1.0)
+    assert rel_error(np.zeros(3), np.full(3, 1e-13)) == pytest.approx(0.1)     # floor max(1e-12, .)
+    assert rel_error(np.zeros(0), np.zeros(0)) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        rel_error(np.zeros(2), np.zeros(3))
+
+
+def test_numerical_gradient_of_a_known_function_and_x_is_restored(rng):
+    x_host = rng.standard_normal((3, 4))
+    x = dev(x_host.copy())
+    dy = rng.standard_normal((3, 4))
+    xp = backend.array_module(x)
+    num = numerical_gradient(lambda: xp.sin(x) * x, x, dev(dy))
+    expected = (np.cos(x_host) * x_host + np.sin(x_host)) * dy
+    np.testing.assert_allclose(num.reshape(3, 4), expected, rtol=1e-8, atol=1e-10)
+    np.testing.assert_array_equal(host(x), x_host)  # restored exactly
+
+
+def test_numerical_gradient_with_a_subset_of_indices(rng):
+    x = dev(rng.standard_normal(10))
+    num = numerical_gradient(lambda: x * x, x, dev(np.ones(10)), indices=[2, 7])
+    np.testing.assert_allclose(num, 2 * host(x)[[2, 7]], rtol=1e-9)
+
+
+def test_numerical_gradient_of_an_output_that_aliases_the_input(rng):
+    """y = x returns x itself: the + and - evaluations must not share storage."""
+    x = dev(rng.standard_normal(5))
+    dy = rng.standard_normal(5)
+    np.testing.assert_allclose(numerical_gradient(lambda: x, x, dev(dy)), dy, rtol=1e-9)
+
+
+def test_checks_require_float64(rng):
+    with pytest.raises(ValueError, match="float64"):
+        check_module(layers.Linear(2, 2), dev(rng.standard_normal((3, 2)).astype("float32")))
+    with pytest.raises(ValueError, match="float64"):
+        check_pair(F.relu_forward, F.relu_backward, {"x": dev(np.ones(3, dtype="float32"))})
+
+
+# ------------------------------------------------------------------------------------------------
+# Planted bug 1: batch norm whose backward returns dx = 0
+# ------------------------------------------------------------------------------------------------
+
+
+def _bn_dx_zero_backward(dy, cache):
+    dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+    return backend.array_module(dx).zeros_like(dx), dgamma, dbeta
+
+
+class BatchNormDxZero(layers.BatchNorm2d):
+    def backward(self, dy):
+        dx = super().backward(dy)
+        return backend.array_module(dx).zeros_like(dx)
+
+
+def _bn_inputs(rng, shape=(3, 2, 3, 3)):
+    return {"x": dev(rng.standard_normal(shape)), "gamma": dev(rng.standard_normal(2)),
+            "beta": dev(rng.standard_normal(2)), "running_mean": dev(np.zeros(2)), "running_var": dev(np.ones(2))}
+
+
+def test_check_pair_fails_on_batchnorm_with_dx_zero(rng):
+    inputs = _bn_inputs(rng)
+    names = ["x", "gamma", "beta"]
+    real = check_pair(F.batch_norm_forward, F.batch_norm_backward, inputs, grad_names=names, tol=TOL)
+    assert_check(real)
+    bad = check_pair(F.batch_norm_forward, _bn_dx_zero_backward, inputs, grad_names=names, tol=TOL)
+    assert not bad.passed
+    assert bad.failed() == ["x"]  # gamma and beta are still right
+    assert bad.errors["x"] > 0.5
+
+
+def test_check_module_fails_on_batchnorm_module_with_dx_zero(rng):
+    x = dev(rng.standard_normal((3, 2, 3, 3)))
+    assert_check(check_module(layers.BatchNorm2d(2, dtype="float64"), x, tol=TOL))
+    bad = check_module(BatchNormDxZero(2, dtype="float64"), x, tol=TOL)
+    assert bad.failed() == ["input"]
+    with pytest.raises(GradientCheckError) as info:
+        check_module(BatchNormDxZero(2, dtype="float64"), x, tol=TOL, raise_on_fail=True)
+    report = str(info.value)
+    assert "FAILED" in report and "FAIL input" in report and "worst entries" in report
+
+
+def test_why_the_upstream_gradient_must_be_random(rng):
+    """With dy = ones, L = sum(BN(x)) = gamma * sum(x_hat) + M * beta does not depend on x: the
+    numerical gradient is zero (rounding noise), so a backward returning dx = 0 agrees with it.
+    With a random dy the numerical gradient is O(1) and the same bug is caught."""
+    inputs = _bn_inputs(rng)
+    x = inputs["x"].copy()
+
+    def run():
+        out, _ = F.batch_norm_forward(x, inputs["gamma"], inputs["beta"], None, None, True)
+        return out
+
+    ones = dev(np.ones(x.shape))
+    numeric_ones = numerical_gradient(run, x, ones)
+    _, cache = F.batch_norm_forward(x, inputs["gamma"], inputs["beta"], None, None, True)
+    buggy_dx = host(_bn_dx_zero_backward(ones, cache)[0]).ravel()
+    # the all-ones check cannot tell the bug apart: both sides are zero to rounding
+    np.testing.assert_allclose(buggy_dx, numeric_ones, atol=1e-8)
+    assert np.max(np.abs(numeric_ones)) < 1e-8
+
+    dy = dev(np.random.default_rng(7).standard_normal(x.shape))
+    numeric_random = numerical_gradient(run, x, dy)
+    _, cache = F.batch_norm_forward(x, inputs["gamma"], inputs["beta"], None, None, True)
+    true_dx = host(F.batch_norm_backward(dy, cache)[0]).ravel()
+    buggy_dx = host(_bn_dx_zero_backward(dy, cache)[0]).ravel()
+    assert np.max(np.abs(numeric_random)) > 0.1
+    assert rel_error(true_dx, numeric_random) < TOL
+    assert rel_error(buggy_dx, numeric_random) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Planted bug 2: a transposed conv weight gradient
+# ------------------------------------------------------------------------------------------------
+
+
+def _conv_transposed_dw_backward(dy, cache):
+    dx, dw, db = F.conv2d_backward(dy, cache)
+    return dx, dw.transpose(1, 0, 2, 3).copy(), db  # (O, C) swapped: same shape when O == C
+
+
+class ConvTransposedGrad(layers.Conv2d):
+    def backward(self, dy):
+        dx = super().backward(dy)
+        self.grads["weight"][...] = self.grads["weight"].transpose(1, 0, 3, 2).copy()
+        return dx
+
+
+def test_check_pair_fails_on_transposed_conv_weight_gradient(rng):
+    inputs = {"x": dev(rng.standard_normal((2, 3, 5, 5))), "weight": dev(rng.standard_normal((3, 3, 3, 3))),
+              "bias": dev(rng.standard_normal(3))}
+    kw = {"stride": 1, "padding": 1}
+    assert_check(check_pair(F.conv2d_forward, F.conv2d_backward, inputs, kwargs=kw, tol=TOL))
+    bad = check_pair(F.conv2d_forward, _conv_transposed_dw_backward, inputs, kwargs=kw, tol=TOL)
+    assert bad.failed() == ["weight"]
+
+
+def test_check_module_fails_on_conv_module_with_transposed_weight_gradient(rng):
+    x = dev(rng.standard_normal((2, 3, 4, 4)))
+    backend.seed(3)
+    assert_check(check_module(layers.Conv2d(3, 3, 3, 1, 1, dtype="float64"), x, tol=TOL))
+    backend.seed(3)
+    bad = check_module(ConvTransposedGrad(3, 3, 3, 1, 1, dtype="float64"), x, tol=TOL)
+    assert bad.failed() == ["weight"]
+
+
+def test_directional_check_catches_planted_bugs_in_a_network(rng):
+    def net(bn_cls, conv_cls):
+        backend.seed(5)
+        return layers.Sequential(conv_cls(2, 2, 3, 1, 1, bias=False, dtype="float64"), bn_cls(2, dtype="float64"),
+                                 layers.ReLU(), layers.GlobalAvgPool2d(), layers.Linear(2, 3, dtype="float64"))
+
+    x = dev(rng.standard_normal((4, 2, 4, 4)))
+    assert_check(directional_check(net(layers.BatchNorm2d, layers.Conv2d), x, tol=TOL))
+    assert not directional_check(net(BatchNormDxZero, layers.Conv2d), x, tol=TOL).passed
+    assert not directional_check(net(layers.BatchNorm2d, ConvTransposedGrad), x, tol=TOL).passed
+
+
+# ------------------------------------------------------------------------------------------------
+# Planted bug 3: a backward that writes into the dy it was given
+# ------------------------------------------------------------------------------------------------
+
+
+def _relu_in_place_backward(dy, mask):
+    dy *= mask  # the bug: dy belongs to the caller
+    return dy
+
+
+class InPlaceReLU(layers.ReLU):
+    def backward(self, dy):
+        mask = self._take(dy)
+        dy *= mask
+        return dy
+
+
+class InPlaceBatchNorm(layers.BatchNorm2d):
+    """Right dx, but it also overwrites the dy it was given with dx."""
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        dy[...] = dx
+        return dy
+
+
+def test_check_pair_flags_a_backward_that_writes_into_dout(rng):
+    x = dev(rng.standard_normal((3, 4)) + 0.05)
+    assert_check(check_pair(F.relu_forward, F.relu_backward, {"x": x}, tol=TOL))
+    bad = check_pair(F.relu_forward, _relu_in_place_backward, {"x": x}, tol=TOL)
+    assert "dout modified by backward" in bad.failed()
+    assert bad.errors["x"] < TOL  # its gradient values are right: only the write gives it away
+
+
+def test_check_module_flags_a_module_that_writes_into_dy(rng):
+    x = dev(rng.standard_normal((3, 4)) + 0.05)
+    assert_check(check_module(layers.ReLU(), x, tol=TOL))
+    assert "dy modified by backward" in check_module(InPlaceReLU(), x, tol=TOL).failed()
+
+
+def test_writing_into_dy_corrupts_the_shortcut_gradient_at_a_residual_join(rng):
+    """In a block the same dz goes to the shortcut and to the branch; a branch that overwrites it
+    corrupts the shortcut's gradient, and the input check fails (not only the write flag)."""
+    x = dev(rng.standard_normal((2, 3, 4, 4)))
+    backend.seed(1)
+    good = residual.BasicBlock(3, 3, dtype="float64")
+    assert_check(check_module(good, x, tol=TOL, max_entries=20))
+    backend.seed(1)
+    bad_block = residual.BasicBlock(3, 3, dtype="float64")
+    bad_block.branch = layers.Sequential(*(list(bad_block.branch)[:-1] + [InPlaceBatchNorm(3, dtype="float64")]))
+    bad = check_module(bad_block, x, tol=TOL, max_entries=20)
+    assert "input" in bad.failed()
+    assert "dy modified by backward" not in bad.errors  # the block itself never wrote into its dy
+
+
+# ------------------------------------------------------------------------------------------------
+# Results, reports, frozen randomness
+# ------------------------------------------------------------------------------------------------
+
+
+def test_result_report_and_raise(rng):
+    x = dev(rng.standard_normal((3, 2, 3, 3)))
+    ok = check_module(layers.BatchNorm2d(2, dtype="float64"), x, tol=TOL)
+    assert ok.passed and ok.max_error < TOL and ok.failed() == []
+    assert ok.report().startswith("gradient check passed")
+    assert ok.raise_if_failed() is ok
+    assert set(ok.errors) == {"input", "weight", "bias"}
+
+
+def test_max_entries_checks_a_subset_of_every_array(rng):
+    conv = layers.Conv2d(3, 4, 3, 1, 1, dtype="float64")
+    result = assert_check(check_module(conv, dev(rng.standard_normal((2, 3, 5, 5))), max_entries=5, tol=TOL))
+    assert set(result.errors) == {"input", "weight", "bias"}
+    bad = check_module(ConvTransposedGrad(3, 3, 3, 1, 1, dtype="float64"), dev(rng.standard_normal((2, 3, 4, 4))),
+                       max_entries=10, tol=TOL)
+    assert bad.failed() == ["weight"]
+
+
+def test_check_module_leaves_parameters_and_buffers_as_after_one_forward(rng):
+    bn = layers.BatchNorm2d(2, dtype="float64")
+    x = dev(rng.standard_normal((3, 2, 3, 3)))
+    check_module(bn, x)
+    reference = layers.BatchNorm2d(2, dtype="float64")
+    reference(x)  # one training forward
+    for k in ("running_mean", "running_var"):
+        np.testing.assert_allclose(host(bn.buffers[k]), host(reference.buffers[k]), rtol=1e-12)
+    np.testing.assert_array_equal(host(bn.params["weight"]), np.ones(2))
+
+
+def test_frozen_randomness_freezes_gates_and_restores(rng):
+    block = residual.BasicBlock(2, 2, survival_prob=0.5, dtype="float64",
+                                gate_rng=np.random.default_rng(0))
+    x = dev(rng.standard_normal((2, 2, 3, 3)))
+    block(x)
+    first = block.gate
+    mean_before = host(block.branch[1].buffers["running_mean"]).copy()
+    with frozen_randomness(block):
+        assert block.forced_gate == first
+        for _ in range(20):
+            block(x)
+            assert block.gate == first
+    assert block.forced_gate is None  # sampling again afterwards
+    np.testing.assert_array_equal(host(block.branch[1].buffers["running_mean"]), mean_before)
+    gates = set()
+    for _ in range(20):
+        block(x)
+        gates.add(block.gate)
+    assert gates == {True, False}
+
+
+def test_check_module_on_an_unforced_stochastic_block_freezes_its_gate(rng):
+    """p = 0.5 and nothing forced: without frozen gates the +eps / -eps evaluations would see
+    different branches and the check would fail; with them it passes for every seed."""
+    x = dev(rng.standard_normal((2, 2, 4, 4)))
+    seen = set()
+    for seed in range(4):
+        block = residual.BasicBlock(2, 2, survival_prob=0.5, dtype="float64",
+                                    gate_rng=np.random.default_rng(seed))
+        assert_check(check_module(block, x, tol=TOL, max_entries=8))
+        seen.add(block.gate)
+        assert block.forced_gate is None
+    assert seen == {True, False}

@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "minisd"
 
 # The test files that must pass under the guard (issue 7: layers, blocks, models, gradient checks),
-# plus the optimizer and data tests, whose code also runs on the device.
+# plus the optimizer, data and trace tests, whose code also runs on the device arrays.
 GUARDED_TEST_FILES = (
     "test_functional.py",
     "test_layers.py",
@@ -38,6 +38,7 @@ GUARDED_TEST_FILES = (
     "test_gradcheck.py",
     "test_optim.py",
     "test_data.py",
+    "test_trace.py",
 )
 
 

@@ -152,7 +152,7 @@ def test_conv_kaiming_normal_fan_out_and_bias_bound():
     assert w.shape == (64, 32, 3, 3)
     expected_std = np.sqrt(2.0 / (64 * 3 * 3))  # fan_out = out_channels * kh * kw
     assert abs(w.std() / expected_std - 1) < 0.03
-    assert abs(w.mean()) < 0.05 * expected_std * 10
+    assert abs(w.mean()) < 0.05 * expected_std  # standard error of the mean is 0.007 std
     b = host(conv.params["bias"])
     assert np.all(np.abs(b) <= 1 / np.sqrt(32 * 9))
 

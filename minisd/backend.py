@@ -64,6 +64,9 @@ _state: dict = {
     "seed": 0,
     "host_rng": numpy.random.default_rng(0),
     "device_rng": None,
+    # A MINISD_BACKEND request that failed at import: raised at first use, not at import, so
+    # `import minisd` (and `minisd --help`) still work and the CLI can print it as one line.
+    "environment_error": None,
 }
 
 
@@ -110,17 +113,20 @@ def use(backend_name: str) -> types.ModuleType:
         _state.update(name="cupy-names", xp=guard, host_namespace=guard)
     else:
         _state.update(name="numpy", xp=numpy, host_namespace=numpy)
+    _state["environment_error"] = None  # an explicit choice replaces a failed MINISD_BACKEND
     _state["device_rng"] = None  # re-created on the new backend from the current seed
     return _state["xp"]
 
 
 def name() -> str:
     """Name of the current backend: ``"numpy"``, ``"cupy"`` or ``"cupy-names"``."""
+    _raise_environment_error()
     return _state["name"]
 
 
 def xp() -> types.ModuleType:
     """The current array module (numpy, cupy, or the CuPy-names guard)."""
+    _raise_environment_error()
     return _state["xp"]
 
 
@@ -223,7 +229,15 @@ def _select_from_environment() -> None:
     """Honour MINISD_BACKEND at import, so a whole process (tests included) can run on CuPy."""
     requested = os.environ.get("MINISD_BACKEND", "").strip()
     if requested:
-        use(requested)
+        try:
+            use(requested)
+        except (BackendUnavailable, ValueError) as exc:
+            _state["environment_error"] = type(exc)(f"MINISD_BACKEND={requested}: {exc}")
+
+
+def _raise_environment_error() -> None:
+    if _state["environment_error"] is not None:
+        raise _state["environment_error"]
 
 
 _select_from_environment()

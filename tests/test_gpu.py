@@ -156,21 +156,40 @@ def test_minisd_backend_environment_variable_selects_the_backend(name):
     assert run.stdout.split()[0] == name
 
 
-def test_minisd_backend_unknown_name_fails_clearly():
-    run = subprocess.run([sys.executable, "-c", "import minisd"], env=_env(MINISD_BACKEND="tpu"),
-                         capture_output=True, text=True, timeout=120)
+def test_minisd_backend_unknown_name_fails_clearly_at_first_use():
+    run = subprocess.run([sys.executable, "-c", "import minisd; minisd.backend.xp()"],
+                         env=_env(MINISD_BACKEND="tpu"), capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
-    assert "unknown backend 'tpu'" in run.stderr.strip().splitlines()[-1]
+    assert "MINISD_BACKEND=tpu: backend.use: unknown backend 'tpu'" in run.stderr.strip().splitlines()[-1]
 
 
 def test_minisd_backend_cupy_without_cupy_ends_with_the_install_hint():
-    code = "import sys; sys.modules['cupy'] = None; import minisd"
+    code = "import sys; sys.modules['cupy'] = None; import minisd; minisd.backend.name()"
     run = subprocess.run([sys.executable, "-c", code], env=_env(MINISD_BACKEND="cupy"),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("minisd.backend.BackendUnavailable: CuPy is not installed")
+    assert last.startswith("minisd.backend.BackendUnavailable: MINISD_BACKEND=cupy: CuPy is not installed")
     assert 'pip install "minisd[gpu]"' in last
+
+
+def test_a_failed_minisd_backend_still_lets_minisd_import_and_an_explicit_choice_win():
+    code = ("import sys; sys.modules['cupy'] = None; import minisd; from minisd import backend; "
+            "backend.use('numpy'); print(backend.name())")
+    run = subprocess.run([sys.executable, "-c", code], env=_env(MINISD_BACKEND="cupy"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "numpy"
+
+
+def test_cli_reports_a_failed_minisd_backend_in_one_line():
+    code = "import sys; sys.modules['cupy'] = None; from minisd.cli import main; sys.exit(main(['train']))"
+    run = subprocess.run([sys.executable, "-c", code], env=_env(MINISD_BACKEND="cupy"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "MINISD_BACKEND=cupy" in lines[0] and 'pip install "minisd[gpu]"' in lines[0]
 
 
 def test_minisd_backend_cupy_with_the_cupy_here():

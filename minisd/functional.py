@@ -25,7 +25,9 @@ next convolution reads its input without a copy. :func:`channel_rows` is where t
 """
 from __future__ import annotations
 
-from minisd.backend import array_module
+import threading
+
+from minisd.backend import array_module, is_device_array
 
 __all__ = [
     "conv_output_size",
@@ -33,6 +35,7 @@ __all__ = [
     "empty_channel_major",
     "im2col",
     "col2im",
+    "clear_workspace",
     "conv2d_forward",
     "conv2d_backward",
     "batch_norm_forward",
@@ -94,8 +97,200 @@ def _pair(v):
 
 
 # ----------------------------------------------------------------------------------------------
+# Scratch buffers
+# ----------------------------------------------------------------------------------------------
+
+# Why: a column matrix is 9x the size of the activation it comes from (75 MiB for a 16-channel
+# 32x32 batch of 128). Two things make a whole-batch column matrix slow on a CPU:
+# * memory bandwidth: im2col writes it out to main memory and the product reads it back, and at
+#   these sizes moving the bytes costs as much as the arithmetic;
+# * first touch: fresh memory is slow the first time it is written (the kernel maps and zeroes
+#   every page, about 0.45 ms per MiB here), and arrays that large go back to the OS when freed,
+#   so a fresh column matrix per layer pays that again at every step.
+# So the convolutions below unfold a few images at a time (a chunk of about CHUNK_BYTES of
+# columns, the size of a core's L2 cache) into one reused buffer, and run the product on it while
+# it is still in cache. The buffer never leaves the function that filled it: the forward keeps only
+# its input x (an array the previous layer made anyway) and the backward unfolds x again. That
+# costs one extra im2col per layer and saves the memory of every column matrix. On a GPU
+# (CuPy arrays) the whole batch is one chunk: there, one large product is what is fast.
+CHUNK_BYTES = 2 << 20
+_WORKSPACE: dict = {}
+
+
+def _scratch(xp, shape, dtype):
+    """A reused, uninitialised C-contiguous array of ``shape``: a view of one growing flat buffer.
+
+    Only for values that die inside the function that asked: the next call overwrites them.
+    One buffer per (array module, dtype, thread).
+    """
+    size = 1
+    for s in shape:
+        size *= int(s)
+    key = (xp.__name__, xp.dtype(dtype).str, threading.get_ident())
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.size < size:
+        _WORKSPACE.pop(key, None)  # free the old buffer before allocating the larger one
+        buf = _WORKSPACE[key] = xp.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers that convolutions reuse (they are re-created on demand)."""
+    _WORKSPACE.clear()
+
+
+def _images_per_chunk(x, column_bytes_per_image):
+    """How many images of x to unfold at once: about CHUNK_BYTES of columns (all on a GPU)."""
+    n = x.shape[0]
+    if is_device_array(x):
+        return max(n, 1)
+    return max(1, min(n, CHUNK_BYTES // max(1, column_bytes_per_image)))
+
+
+# ----------------------------------------------------------------------------------------------
 # im2col / col2im
 # ----------------------------------------------------------------------------------------------
+
+
+def _overlap(size, k, stride, pad, out_size):
+    """For kernel offset ``k`` along one axis: which outputs read a real input, and which inputs.
+
+    Output o reads input p = o * stride + k - pad. Returns (o0, o1, p0, p1): outputs o0 <= o < o1
+    read inputs p0, p0 + stride, ... < p1; the others read the zero padding.
+    """
+    o0 = max(0, -((k - pad) // stride))  # ceil((pad - k) / stride)
+    o1 = min(out_size, (size - 1 + pad - k) // stride + 1)
+    o1 = max(o0, o1)
+    p0 = o0 * stride + k - pad
+    return o0, o1, p0, p0 + (o1 - o0 - 1) * stride + 1
+
+
+def _slides(h, w, ho, wo, sh, sw):
+    """True for the common convolution: stride 1 and "same" padding (output as large as input).
+
+    Then every kernel offset just slides the whole flattened input by a fixed number of places,
+    and im2col / col2im can work on long contiguous runs (see :func:`_im2col_slide_into`).
+    """
+    return sh == 1 and sw == 1 and ho == h and wo == w
+
+
+def _zero_wrapped(slab, dh, dw):
+    """Zero the outputs of offset (dh, dw) whose receptive field hangs over an image edge.
+
+    slab: (C, N, H, W). Sliding the flattened input by dh*W + dw places puts, at these pixels, a
+    value from the neighbouring row or image; they should have read the zero padding.
+    """
+    h, w = slab.shape[2], slab.shape[3]
+    if dh > 0:
+        slab[:, :, max(h - dh, 0):] = 0
+    elif dh < 0:
+        slab[:, :, :-dh] = 0
+    if dw > 0:
+        slab[:, :, :, max(w - dw, 0):] = 0
+    elif dw < 0:
+        slab[:, :, :, :-dw] = 0
+
+
+def _im2col_slide_into(cols, x_cm, kh, kw, ph, pw):
+    """im2col for stride 1 and "same" padding, in long contiguous copies.
+
+    In the flattened (C, N*H*W) input, output pixel t of kernel offset (i, j) reads input pixel
+    t + d, with d = (i - ph) * W + (j - pw). So row block (c, i, j) of the column matrix is the
+    input slid by d places: one long copy per channel. The pixels that slid across a row or image
+    edge are a row or a column of each image, zeroed afterwards. (The general loop copies 4-D
+    slabs whose innermost run is one image row, 32 values here: many short copies, several times
+    slower.)
+    """
+    c, n, h, w = x_cm.shape
+    total = n * h * w
+    flat = x_cm.reshape(c, total)  # a view when x is channel-major (a copy otherwise)
+    rows = cols.reshape(c, kh * kw, total)
+    for i in range(kh):
+        for j in range(kw):
+            dh, dw = i - ph, j - pw
+            d = max(-total, min(total, dh * w + dw))
+            row = rows[:, i * kw + j]  # (C, N*H*W)
+            if d >= 0:
+                row[:, : total - d] = flat[:, d:]
+                row[:, total - d :] = 0
+            else:
+                row[:, -d:] = flat[:, : total + d]
+                row[:, :-d] = 0
+            _zero_wrapped(cols[:, i, j], dh, dw)
+    return cols
+
+
+def _im2col_into(cols, x, kh, kw, sh, sw, ph, pw):
+    """Fill ``cols`` (C, kh, kw, N, Ho, Wo) with the receptive fields of x (see :func:`im2col`)."""
+    n, c, h, w = x.shape
+    ho, wo = cols.shape[4], cols.shape[5]
+    x_cm = x.transpose(1, 0, 2, 3)  # (C, N, H, W): a free view when x is channel-major
+    if _slides(h, w, ho, wo, sh, sw):
+        return _im2col_slide_into(cols, x_cm, kh, kw, ph, pw)
+    for i in range(kh):
+        oh0, oh1, h0, h1 = _overlap(h, i, sh, ph, ho)
+        for j in range(kw):
+            ow0, ow1, w0, w1 = _overlap(w, j, sw, pw, wo)
+            slab = cols[:, i, j]  # (C, N, Ho, Wo): the input shifted by (i, j), subsampled
+            if oh1 > oh0 and ow1 > ow0:
+                slab[:, :, oh0:oh1, ow0:ow1] = x_cm[:, :, h0:h1:sh, w0:w1:sw]
+            # Outputs whose field hangs over the border read zero padding. Writing these thin
+            # borders directly is cheaper than building a zero-padded copy of x first.
+            slab[:, :, :oh0] = 0
+            slab[:, :, oh1:] = 0
+            slab[:, :, oh0:oh1, :ow0] = 0
+            slab[:, :, oh0:oh1, ow1:] = 0
+    return cols
+
+
+def _col2im_into(dx, cols6, kh, kw, sh, sw, ph, pw, overwrite):
+    """col2im of cols6 (C, kh, kw, N, Ho, Wo) written into dx (C, N, H, W); returns dx.
+
+    ``overwrite``: cols6 is scratch that may be changed (the slide path zeroes wrapped entries).
+    dx may be a slice of a larger array along N (one chunk of images).
+    """
+    c, n, h, w = dx.shape
+    ho, wo = cols6.shape[4], cols6.shape[5]
+    if _slides(h, w, ho, wo, sh, sw):
+        # The adjoint of the slide: row block (c, i, j) slides back by d places and is added.
+        # Entries that slid across an edge belong to the padding: zero them first. The centre
+        # offset (d = 0) covers every pixel once, so it initialises dx instead of a zero fill.
+        if not overwrite:
+            cols6 = cols6.copy()
+        total = n * h * w
+        rows = cols6.reshape(c, kh * kw, total)
+        flat = dx.reshape(c, total)  # a view: dx holds whole images, contiguous along (N, H, W)
+        flat[...] = rows[:, ph * kw + pw]
+        for i in range(kh):
+            for j in range(kw):
+                dh, dw = i - ph, j - pw
+                if dh == 0 and dw == 0:
+                    continue
+                _zero_wrapped(cols6[:, i, j], dh, dw)
+                d = max(-total, min(total, dh * w + dw))
+                row = rows[:, i * kw + j]
+                if d >= 0:
+                    flat[:, d:] += row[:, : total - d]
+                else:
+                    flat[:, : total + d] += row[:, -d:]
+        return dx
+    dx[...] = 0
+    for i in range(kh):
+        oh0, oh1, h0, h1 = _overlap(h, i, sh, ph, ho)
+        for j in range(kw):
+            ow0, ow1, w0, w1 = _overlap(w, j, sw, pw, wo)
+            if oh1 > oh0 and ow1 > ow0:
+                dx[:, :, h0:h1:sh, w0:w1:sw] += cols6[:, i, j, :, oh0:oh1, ow0:ow1]
+    return dx
+
+
+def _conv_geometry(x_shape, kernel_size, stride, padding, where):
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    ho = conv_output_size(x_shape[2], kh, sh, ph, where)
+    wo = conv_output_size(x_shape[3], kw, sw, pw, where)
+    return kh, kw, sh, sw, ph, pw, ho, wo
 
 
 def im2col(x, kernel_size, stride=1, padding=0):
@@ -106,25 +301,13 @@ def im2col(x, kernel_size, stride=1, padding=0):
 
     Built with one strided slab copy per kernel offset (i, j): row block (c, i, j) of the column
     matrix is the input shifted by (i, j) and subsampled by the stride. kh*kw copies of a whole
-    slab, no per-element Python loop.
+    slab, no per-element Python loop. (The convolutions use the same loop on a reused buffer.)
     """
     xp = array_module(x)
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    n, c, h, w = x.shape
-    ho = conv_output_size(h, kh, sh, ph, "im2col")
-    wo = conv_output_size(w, kw, sw, pw, "im2col")
-    x_cm = x.transpose(1, 0, 2, 3)  # (C, N, H, W): a free view when x is channel-major
-    if ph or pw:
-        padded = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-        padded[:, :, ph : ph + h, pw : pw + w] = x_cm
-    else:
-        padded = x_cm
+    n, c = x.shape[0], x.shape[1]
+    kh, kw, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, kernel_size, stride, padding, "im2col")
     cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, i, j] = padded[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+    _im2col_into(cols, x, kh, kw, sh, sw, ph, pw)
     return cols.reshape(c * kh * kw, n * ho * wo)
 
 
@@ -133,22 +316,16 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
 
     cols: (C*kh*kw, N*Ho*Wo) -> dx: (N, C, H, W) (channel-major in memory). A pixel that sat in
     several receptive fields receives the sum of their gradients: one slab add per kernel offset.
+    Columns that read the zero padding are simply dropped (the padding has no gradient).
     """
-    xp = array_module(cols)
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
     n, c, h, w = x_shape
-    ho = conv_output_size(h, kh, sh, ph, "col2im")
-    wo = conv_output_size(w, kw, sw, pw, "col2im")
+    kh, kw, sh, sw, ph, pw, ho, wo = _conv_geometry(x_shape, kernel_size, stride, padding, "col2im")
+    xp = array_module(cols)
     if cols.shape != (c * kh * kw, n * ho * wo):
         raise ValueError(f"col2im: expected cols of shape {(c * kh * kw, n * ho * wo)}, got {cols.shape}")
-    cols6 = cols.reshape(c, kh, kw, n, ho, wo)
-    padded = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            padded[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += cols6[:, i, j]
-    return padded[:, :, ph : ph + h, pw : pw + w].transpose(1, 0, 2, 3)
+    dx = xp.empty((c, n, h, w), dtype=cols.dtype)
+    _col2im_into(dx, cols.reshape(c, kh, kw, n, ho, wo), kh, kw, sh, sw, ph, pw, overwrite=False)
+    return dx.transpose(1, 0, 2, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,20 +337,29 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """2-D cross-correlation, as torch.nn.functional.conv2d.
 
     x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, Ho, Wo).
-    y = W (O, C*kh*kw) @ im2col(x) (C*kh*kw, N*Ho*Wo), plus bias per output channel.
+    y = W (O, C*kh*kw) @ im2col(x) (C*kh*kw, N*Ho*Wo), plus bias per output channel,
+    computed a chunk of images at a time (see CHUNK_BYTES). The cache keeps x, not the column
+    matrix (9x larger): backward unfolds x again.
     """
-    n = x.shape[0]
+    xp = array_module(x, weight)
+    n, c = x.shape[0], x.shape[1]
     out_channels, _, kh, kw = weight.shape
-    cols = im2col(x, (kh, kw), stride, padding)
-    w_rows = weight.reshape(out_channels, -1)
-    out = w_rows @ cols  # (O, N*Ho*Wo): already channel-major, so no transpose is needed
+    _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
+    k = c * kh * kw
+    w_rows = weight.reshape(out_channels, k)
+    # (O, N, Ho, Wo): the product's natural layout, handed out as an NCHW view (module docstring).
+    out = xp.empty((out_channels, n, ho, wo), dtype=x.dtype)
+    step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize)
+    for n0 in range(0, n, step):
+        xs = x[n0 : n0 + step]
+        m = xs.shape[0]
+        cols = _im2col_into(_scratch(xp, (c, kh, kw, m, ho, wo), x.dtype), xs, kh, kw, sh, sw, ph, pw)
+        # The product, written straight into this chunk's columns of the output.
+        xp.matmul(w_rows, cols.reshape(k, m * ho * wo), out=out[:, n0 : n0 + m].reshape(out_channels, m * ho * wo))
     if bias is not None:
-        out += bias[:, None]
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    ho = conv_output_size(x.shape[2], kh, sh, ph)
-    wo = conv_output_size(x.shape[3], kw, sw, pw)
-    y = out.reshape(out_channels, n, ho, wo).transpose(1, 0, 2, 3)
-    cache = (cols, weight, x.shape, bias is not None, stride, padding)
+        out += bias[:, None, None, None]
+    y = out.transpose(1, 0, 2, 3)
+    cache = (x, weight, bias is not None, stride, padding)
     return y, cache
 
 
@@ -181,22 +367,47 @@ def conv2d_backward(dy, cache):
     """Gradients of :func:`conv2d_forward`: returns (dx, dweight, dbias or None).
 
     With dY as a (O, N*Ho*Wo) matrix: dW = dY @ cols^T, db = row sums of dY,
-    dcols = W^T @ dY, and dx = col2im(dcols).
+    dcols = W^T @ dY, and dx = col2im(dcols); chunk by chunk of images, dW summed over chunks.
     """
-    cols, weight, x_shape, has_bias, stride, padding = cache
-    out_channels = weight.shape[0]
-    dy_rows = channel_rows(dy)  # (O, N*Ho*Wo); a view when dy is channel-major
-    w_rows = weight.reshape(out_channels, -1)
-    dweight = (dy_rows @ cols.T).reshape(weight.shape)
-    dbias = dy_rows.sum(axis=1) if has_bias else None
-    dcols = w_rows.T @ dy_rows
-    dx = col2im(dcols, x_shape, weight.shape[2:], stride, padding)
-    return dx, dweight, dbias
+    x, weight, has_bias, stride, padding = cache
+    xp = array_module(dy, weight)
+    n, c, h, w = x.shape
+    out_channels, _, kh, kw = weight.shape
+    _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
+    k = c * kh * kw
+    w_rows = weight.reshape(out_channels, k)
+    dy_cm = dy.transpose(1, 0, 2, 3)  # (O, N, Ho, Wo): a free view when dy is channel-major
+    dweight = xp.zeros((out_channels, k), dtype=weight.dtype)
+    dx = xp.empty((c, n, h, w), dtype=x.dtype)  # channel-major, like every activation here
+    step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize)
+    for n0 in range(0, n, step):
+        xs = x[n0 : n0 + step]
+        m = xs.shape[0]
+        dy_rows = dy_cm[:, n0 : n0 + m].reshape(out_channels, m * ho * wo)
+        # The columns again, in the reused buffer (the forward did not keep them).
+        buf = _scratch(xp, (k, m * ho * wo), x.dtype)
+        cols = _im2col_into(buf.reshape(c, kh, kw, m, ho, wo), xs, kh, kw, sh, sw, ph, pw).reshape(buf.shape)
+        dweight += dy_rows @ cols.T
+        # cols is no longer needed: W^T @ dY overwrites the same buffer (no fresh 9x-sized array).
+        dcols = xp.matmul(w_rows.T, dy_rows, out=buf)
+        _col2im_into(dx[:, n0 : n0 + m], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw, overwrite=True)
+    dbias = channel_rows(dy).sum(axis=1) if has_bias else None
+    return dx.transpose(1, 0, 2, 3), dweight.reshape(weight.shape), dbias
 
 
 # ----------------------------------------------------------------------------------------------
 # Batch normalisation
 # ----------------------------------------------------------------------------------------------
+
+
+def _row_dots(a, b):
+    """sum_m a[c, m] * b[c, m] for each row c of two (C, M) matrices.
+
+    A stack of C (1, M) @ (M, 1) products: one read of each matrix and no (C, M) temporary, where
+    ``(a * b).sum(axis=1)`` would write and re-read a full-size product first.
+    """
+    xp = array_module(a, b)
+    return xp.matmul(a[:, None, :], b[:, :, None]).reshape(a.shape[0])
 
 
 def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, training=True, eps=1e-5):
@@ -207,40 +418,53 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, trai
     them, so the caller can update its running estimates (see :func:`update_running_stats`).
     Evaluation: normalise with ``running_mean`` and ``running_var``.
     y = gamma * (x - mean) / sqrt(var + eps) + beta.
+
+    Passes over memory (each costs about as much as a copy): mean, centre, variance (a row dot,
+    no squared temporary), then y = centred * (gamma * inv_std) + beta in two in-place steps on
+    one fresh array. The cache keeps the centred values; x_hat = centred * inv_std is never
+    stored, backward folds inv_std into its per-channel constants.
     """
     rows = channel_rows(x)  # (C, M)
+    count = rows.shape[1]
     if training:
         mean = rows.mean(axis=1)
         centered = rows - mean[:, None]
-        var = (centered * centered).mean(axis=1)
+        var = _row_dots(centered, centered) / count
     else:
         mean, var = running_mean, running_var
         centered = rows - mean[:, None]
     inv_std = 1.0 / (var + eps) ** 0.5
-    x_hat = centered * inv_std[:, None]
-    y_rows = x_hat * gamma[:, None] + beta[:, None]
+    y_rows = centered * (gamma * inv_std)[:, None]
+    y_rows += beta[:, None]
     y = _rows_to_shape(y_rows, x.shape)
-    cache = (x_hat, gamma, inv_std, training, x.shape, mean, var)
+    cache = (centered, gamma, inv_std, training, x.shape, mean, var)
     return y, cache
 
 
 def batch_norm_backward(dy, cache):
     """Gradients of :func:`batch_norm_forward`: returns (dx, dgamma, dbeta).
 
-    Training (batch statistics depend on x, M = N*H*W values per channel):
-        dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+    With x_hat = (x - mean) * inv_std and M = N*H*W values per channel:
+        dbeta  = sum(dy),  dgamma = sum(dy * x_hat)
+    Training (batch statistics depend on x):
+        dx = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)
     Evaluation (fixed statistics): dx = gamma * inv_std * dy.
     """
-    x_hat, gamma, inv_std, training, x_shape, _, _ = cache
+    centered, gamma, inv_std, training, x_shape, _, _ = cache
     dy_rows = channel_rows(dy)
     count = dy_rows.shape[1]
     dbeta = dy_rows.sum(axis=1)
-    dgamma = (dy_rows * x_hat).sum(axis=1)
+    dgamma = _row_dots(dy_rows, centered) * inv_std  # x_hat = centered * inv_std, folded in
     scale = (gamma * inv_std)[:, None]
     if training:
-        dx_rows = scale * (dy_rows - (dbeta / count)[:, None] - x_hat * (dgamma / count)[:, None])
+        # The same formula in four in-place passes on one fresh array (x_hat * dgamma / M is
+        # centered * (inv_std * dgamma / M)); dy is only read.
+        dx_rows = centered * (-(inv_std * dgamma) / count)[:, None]
+        dx_rows += dy_rows
+        dx_rows -= (dbeta / count)[:, None]
+        dx_rows *= scale
     else:
-        dx_rows = scale * dy_rows
+        dx_rows = dy_rows * scale
     return _rows_to_shape(dx_rows, x_shape), dgamma, dbeta
 
 

@@ -1,22 +1,219 @@
-"""The `minisd` command line (train, evaluate, gradcheck, bench)."""
+"""The `minisd` command line (train, evaluate, gradcheck, bench).
+
+    minisd train                          stochastic-depth ResNet-20 on the digits, about a minute
+    minisd train cifar10 --data-dir DIR --depth 110 --epochs 500 --backend cupy
+    minisd train --resume runs/NAME       continue a stopped run exactly where it stopped
+    minisd evaluate runs/NAME/best.npz    accuracy of a checkpoint on the test split
+    minisd gradcheck                      finite-difference check of a small network with dropped blocks
+    minisd bench ...                      timings (see minisd/bench.py)
+
+Errors the user can fix (missing data, a corrupted file, a bad option, no GPU) print one line to
+stderr and exit with status 1 (2 for a bad command line), without a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+from minisd import backend
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the usage block plus the error)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _probability(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _depth(text):
+    value = _positive_int(text)
+    if value < 8 or (value - 2) % 6:
+        raise argparse.ArgumentTypeError(f"depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110, ...), got {value}")
+    return value
+
+
+# Options of `train` whose value may differ on --resume (everything else comes from the checkpoint).
+_RESUME_OVERRIDABLE = ("backend", "data_dir")
+
+
+def _add_train(sub):
+    from minisd.train import Settings  # noqa: PLC0415
+
+    d = Settings()
+    p = sub.add_parser("train", help="train a stochastic-depth ResNet",
+                       description="Train a stochastic-depth ResNet (Huang et al. 2016) and report the test "
+                                   "accuracy of the checkpoint with the best validation accuracy.")
+    p.add_argument("dataset", nargs="?", choices=("digits", "cifar10"), default=None,
+                   help=f"digits (embedded in scikit-learn, default) or cifar10 (needs --data-dir)")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ (nothing is downloaded)")
+    p.add_argument("--depth", type=_depth, help=f"ResNet depth 6n+2 (default {d.depth}; the paper: 110)")
+    p.add_argument("--schedule", choices=("linear", "uniform", "none"),
+                   help=f"survival probabilities: linear decay to p_L (the paper), uniform p_L, or none "
+                        f"(constant depth) (default {d.schedule})")
+    p.add_argument("--final-survival", "--p-l", dest="final_survival", type=_probability, metavar="P_L",
+                   help=f"survival probability p_L of the last block (default {d.final_survival})")
+    p.add_argument("--mode", choices=("batch", "row"), help="one gate per block per step (batch, the paper) "
+                   "or per sample (row)")
+    p.add_argument("--scale", choices=("eval", "train"), help="scale branches by p_l at test time (eval, the paper) "
+                   "or divide kept branches by p_l in training (train)")
+    p.add_argument("--epochs", type=_positive_int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=_positive_int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr}), divided by 10 at 50%% and 75%% "
+                   "of the epochs")
+    p.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), help=f"default {d.lr_schedule}")
+    p.add_argument("--skip-unused", action="store_true", default=None,
+                   help="leave the parameters of dropped branches untouched (no weight decay or momentum "
+                        "step for them)")
+    p.add_argument("--translate", type=int, help="augmentation: random shift up to this many pixels "
+                   "(default: 1 for digits, 4 for cifar10)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="augmentation: random horizontal flips (default: off for digits, on for cifar10)")
+    p.add_argument("--train-subset", type=_positive_int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy, or $MINISD_BACKEND)")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--out", help="run folder (default: runs/<dataset>-resnet<depth>-<schedule>-seed<seed>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or from this checkpoint file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minisd", description="Stochastic-depth ResNets with hand-written backprop.")
-    parser.add_subparsers(dest="command")
+    parser = _Parser(prog="minisd", description="Stochastic-depth ResNets with hand-written backprop.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,gradcheck,bench}")
+    _add_train(sub)
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint", description="Evaluate a checkpoint on a split "
+                       "of the dataset it was trained on (every branch runs, scaled by its rule).")
+    p.add_argument("checkpoint", help="a .npz checkpoint, or a run folder (its best.npz)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--data-dir", help="where the CIFAR-10 files are now, if they moved")
+    p.add_argument("--backend", choices=("numpy", "cupy"))
+    p = sub.add_parser("gradcheck", help="finite-difference check of a small ResNet with dropped blocks",
+                       description="Directional gradient check (float64) of a small ResNet with a fixed mix "
+                                   "of kept and dropped blocks.")
+    p.add_argument("--depth", type=_depth, default=14)
+    p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("bench", help="timings (arguments go to minisd.bench)", add_help=False)
     return parser
 
 
+def _error(message) -> int:
+    print(f"minisd: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _cmd_train(args, parser) -> int:
+    from minisd import train  # noqa: PLC0415
+
+    names = [f.name for f in dataclasses.fields(train.Settings)]
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    progress = False if args.quiet else None
+    if args.resume:
+        extra = sorted(set(given) - set(_RESUME_OVERRIDABLE)) + (["out"] if args.out else [])
+        if extra:
+            options = ", ".join("--" + k.replace("_", "-") for k in extra)
+            return _error(f"--resume continues with the checkpoint's settings; drop {options} "
+                          "(only --backend and --data-dir may change)")
+        result = train.resume(args.resume, progress=progress, backend_name=given.get("backend"),
+                              data_dir=given.get("data_dir"))
+    else:
+        settings = train.Settings(**given)
+        result = train.fit(settings, run_dir=args.out, progress=progress)
+    return 0 if result is not None else EXIT_ERROR
+
+
+def _cmd_evaluate(args) -> int:
+    import os  # noqa: PLC0415
+
+    from minisd import train  # noqa: PLC0415
+
+    path = args.checkpoint
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.npz")
+    out = train.evaluate_checkpoint(path, args.split, data_dir=args.data_dir, backend_name=args.backend)
+    print(f"{out['dataset']} {out['split']}: accuracy {100 * out['acc']:.2f}%, loss {out['loss']:.4f} "
+          f"({out['images']} images; ResNet-{out['depth']}, schedule {out['schedule']}, {path})")
+    return 0
+
+
+def _cmd_gradcheck(args) -> int:
+    import numpy  # noqa: PLC0415
+
+    from minisd import gradcheck, models  # noqa: PLC0415
+
+    model = models.resnet_cifar(depth=args.depth, num_classes=10, in_channels=3, seed=args.seed, dtype="float64")
+    gates = [(i % 3) != 1 for i in range(len(model.blocks))]  # keep, drop, keep, keep, drop, ...
+    model.force_gates(gates)
+    x = backend.to_device(numpy.random.default_rng(args.seed).standard_normal((4, 3, 8, 8)))
+    print(f"ResNet-{args.depth}, float64, {len(model.blocks)} blocks, gates: "
+          + "".join("K" if g else "d" for g in gates) + " (K kept, d dropped)")
+    result = gradcheck.directional_check(model, x)
+    print(result.report())
+    return 0 if result.passed else EXIT_ERROR
+
+
+def _cmd_bench(argv) -> int:
+    import importlib  # noqa: PLC0415
+
+    try:
+        bench = importlib.import_module("minisd.bench")  # written separately; may be absent
+    except ModuleNotFoundError as exc:
+        if exc.name == "minisd.bench":
+            return _error("the benchmarks (minisd/bench.py) are not part of this installation")
+        raise
+    return int(bench.main(argv) or 0)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # everything after `bench` belongs to minisd.bench
+        return _cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    from minisd import data, train  # noqa: PLC0415
+
+    try:
+        if args.command == "train":
+            return _cmd_train(args, parser)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
+        if args.command == "gradcheck":
+            return _cmd_gradcheck(args)
+    except train.TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("minisd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (data.DataError, train.CheckpointError, train.SettingsError, train.RunFolderError,
+            train.NonFiniteLossError, backend.BackendUnavailable) as exc:
+        return _error(exc)
+    except OSError as exc:
+        return _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc)
     return 0
 
 

@@ -1,0 +1,236 @@
+"""The training loop: run folder, determinism, checkpoints, exact resume, Ctrl-C, non-finite loss."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from minisd import backend, data, models, optim, train
+from minisd import functional as F
+
+
+def tiny(**overrides):
+    """A run that takes about a second: ResNet-8 on 96 digits, batches of 32 (3 steps an epoch)."""
+    values = dict(depth=8, epochs=2, batch_size=32, train_subset=96, seed=3)
+    values.update(overrides)
+    return train.Settings(**values)
+
+
+def quiet_fit(settings, run_dir, lines=None):
+    log = (lines.append if lines is not None else (lambda line: None))
+    return train.fit(settings, run_dir=run_dir, log=log, progress=False)
+
+
+def params_of(path):
+    arrays, optim_arrays, meta = train.load_checkpoint(path)
+    return arrays, optim_arrays, meta
+
+
+def assert_same_checkpoint_state(path_a, path_b):
+    a, oa, ma = params_of(path_a)
+    b, ob, mb = params_of(path_b)
+    assert a.keys() == b.keys() and oa.keys() == ob.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in oa:
+        np.testing.assert_array_equal(oa[k], ob[k], err_msg=k)
+    assert ma["rng"]["gate_rng"] == mb["rng"]["gate_rng"]
+    assert without_time(ma["history"]) == without_time(mb["history"])
+
+
+def without_time(history):
+    return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 3-epoch run, shared by the tests below: (result, run folder, log lines)."""
+    backend.seed(0)
+    lines = []
+    run = tmp_path_factory.mktemp("reference") / "run"
+    return quiet_fit(tiny(epochs=3), run, lines), run, lines
+
+
+def test_fit_writes_the_run_folder(reference):
+    result, run, lines = reference
+    names = set(os.listdir(run))
+    assert {"settings.json", "metrics.jsonl", "best.npz", "last.npz", "curves.png", "summary.json"} <= names
+    assert not [n for n in names if n.startswith(".tmp-")]  # temporary files were renamed
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["depth"] == 8 and settings["translate"] == 1 and settings["flip"] is False
+    assert settings["backend"] == backend.name()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "active_fraction", "time_s"} <= r.keys()
+        assert 0 < r["active_fraction"] <= 1 and 0 <= r["val_acc"] <= 1
+    assert [r["lr"] for r in records] == pytest.approx([0.1, 0.01, 0.001])  # step schedule, 3 epochs
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_acc"] == pytest.approx(result.test_acc)
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3
+    for line in epoch_lines:
+        for part in ("train loss", "acc", "val acc", "active", "time"):
+            assert part in line
+    assert any(line.startswith("test accuracy") for line in lines)
+
+
+def test_reported_test_accuracy_is_the_best_validation_checkpoint(reference):
+    result, run, _ = reference
+    vals = [(h["val_acc"], -h["val_loss"]) for h in result.history]
+    assert result.best_epoch == 1 + max(range(3), key=lambda i: vals[i])
+    best = train.evaluate_checkpoint(run / "best.npz", "test")
+    assert best["acc"] == pytest.approx(result.test_acc)
+    assert best["epoch"] == result.best_epoch  # the checkpoint was saved after that epoch
+
+
+def test_same_seed_same_metrics(tmp_path, reference):
+    again = quiet_fit(tiny(epochs=3), tmp_path / "again")
+    assert without_time(again.history) == without_time(reference[0].history)
+    assert again.test_acc == reference[0].test_acc
+    other = quiet_fit(tiny(epochs=1, seed=4), tmp_path / "other")
+    assert other.history[0]["train_loss"] != reference[0].history[0]["train_loss"]
+
+
+def _interrupt_when(monkeypatch, after_steps):
+    """Send ourselves Ctrl-C right after the optimizer's ``after_steps``-th step."""
+    original = optim.SGD.step
+    calls = {"n": 0}
+
+    def step(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == after_steps:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(optim.SGD, "step", step)
+
+
+@pytest.mark.parametrize("where", ["after-epoch-1", "last-step-of-epoch-1", "mid-epoch-2"])
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, where, reference):
+    """Ctrl-C after epoch 1, during its last step, or inside epoch 2, then resume: the same weights."""
+    full, full_dir, _ = reference
+    log = None
+    if where == "after-epoch-1":  # Ctrl-C right after the epoch's summary line (checkpoint written)
+        def log(line):
+            if line.startswith("epoch 1/"):
+                os.kill(os.getpid(), signal.SIGINT)
+    else:
+        _interrupt_when(monkeypatch, 3 if where == "last-step-of-epoch-1" else 4)
+    with pytest.raises(train.TrainingInterrupted, match="resume with: minisd train --resume") as info:
+        train.fit(tiny(epochs=3), run_dir=tmp_path / "cut", log=log or (lambda line: None), progress=False)
+    assert info.value.checkpoint == str(tmp_path / "cut" / "last.npz")
+    _, _, meta = train.load_checkpoint(tmp_path / "cut")
+    expected = {"after-epoch-1": (1, 0), "last-step-of-epoch-1": (0, 3), "mid-epoch-2": (1, 1)}[where]
+    assert (meta["epoch"], meta["step"]) == expected
+    monkeypatch.undo()
+    resumed = train.resume(tmp_path / "cut", log=lambda line: None, progress=False)
+    assert_same_checkpoint_state(full_dir / "last.npz", tmp_path / "cut" / "last.npz")
+    assert_same_checkpoint_state(full_dir / "best.npz", tmp_path / "cut" / "best.npz")
+    assert without_time(resumed.history) == without_time(full.history)
+    assert resumed.test_acc == full.test_acc
+    metrics = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3]
+
+
+def test_checkpoint_round_trip_and_atomic_write(tmp_path):
+    model = models.resnet_cifar(depth=8, in_channels=1, seed=1)
+    opt = optim.SGD(model, lr=0.1, momentum=0.9)
+    opt.buffers["fc.weight"] = backend.xp().ones((10, 64), dtype=np.float32)
+    path = train.save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 4, "note": "x"})
+    assert os.listdir(tmp_path) == ["c.npz"]
+    arrays, optim_arrays, meta = train.load_checkpoint(path)
+    assert meta["epoch"] == 4 and meta["optimizer"]["momentum"] == 0.9
+    assert list(arrays) == list(model.state_dict())
+    np.testing.assert_array_equal(optim_arrays["fc.weight"], 1)
+    other = models.resnet_cifar(depth=8, in_channels=1, seed=2)
+    other.load_state_dict(arrays)
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b), err_msg=k)
+    with np.load(path, allow_pickle=False) as archive:  # plain arrays only
+        assert "meta" in archive.files
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    model = models.resnet_cifar(depth=8, in_channels=1)
+    path = train.save_checkpoint(tmp_path / "c.npz", model, None, {})
+    arrays, _, _ = train.load_checkpoint(path)
+    bigger = models.resnet_cifar(depth=14, in_channels=1)
+    with pytest.raises(train.CheckpointError, match="missing: .*layer1.1.branch.0.weight"):
+        train._load_into_model(bigger, arrays, path)
+    arrays["fc.weight"] = np.zeros((3, 64), np.float32)
+    with pytest.raises(train.CheckpointError, match=r"fc.weight: expected shape \(10, 64\), got \(3, 64\)"):
+        train._load_into_model(model, arrays, path)
+    with pytest.raises(train.CheckpointError, match="not found"):
+        train.load_checkpoint(tmp_path / "nothing.npz")
+    np.savez(tmp_path / "objects.npz", meta=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(train.CheckpointError, match="cannot read"):  # refused: allow_pickle=False
+        train.load_checkpoint(tmp_path / "objects.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(train.CheckpointError, match="cannot read"):
+        train.load_checkpoint(tmp_path / "junk.npz")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    original = F.softmax_cross_entropy_forward
+    calls = {"n": 0}
+    saved = {}
+
+    def poisoned(logits, labels):
+        loss, cache = original(logits, labels)
+        if logits.shape[0] == 32:  # training batches only (validation batches are bigger)
+            calls["n"] += 1
+            if calls["n"] == 5:  # epoch 2, step 2
+                saved["last"] = (run / "last.npz").read_bytes()
+                return loss * float("nan"), cache
+        return loss, cache
+
+    monkeypatch.setattr(F, "softmax_cross_entropy_forward", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 2, step 2 .*last.npz"):
+        quiet_fit(tiny(epochs=3), run)
+    assert (run / "last.npz").read_bytes() == saved["last"]
+    _, _, meta = train.load_checkpoint(run / "last.npz")
+    assert (meta["epoch"], meta["step"]) == (1, 0)
+
+
+def test_run_folder_is_not_overwritten(reference):
+    before = (reference[1] / "last.npz").read_bytes()
+    with pytest.raises(train.RunFolderError, match="--resume"):
+        quiet_fit(tiny(epochs=1), reference[1])
+    assert (reference[1] / "last.npz").read_bytes() == before
+
+
+def test_evaluate_runs_every_branch_and_restores_the_mode(rng):
+    model = models.resnet_cifar(depth=8, in_channels=1, final_survival=0.0, schedule="uniform")
+    split = data.Split(rng.standard_normal((10, 1, 8, 8)).astype(np.float32), np.arange(10) % 10).to()
+    model.train()
+    loss, acc = train.evaluate(model, split, batch_size=4)
+    assert model.training and np.isfinite(loss) and 0 <= acc <= 1
+    model.eval()
+    train.evaluate(model, split)
+    assert not model.training
+
+
+def test_settings_are_validated():
+    with pytest.raises(train.SettingsError, match="6n \\+ 2"):
+        train.Settings(depth=10).validate()
+    with pytest.raises(train.SettingsError, match="unknown dataset"):
+        train.Settings(dataset="mnist").validate()
+    with pytest.raises(train.SettingsError, match="batch size"):
+        train.Settings(batch_size=1).validate()
+
+
+def test_cifar10_run_on_generated_files(tmp_path):
+    from test_data import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "data", "py", per_batch=4, test_count=4)
+    result = quiet_fit(tiny(dataset="cifar10", data_dir=str(tmp_path / "data"), val_size=4, epochs=1,
+                            batch_size=8, train_subset=None), tmp_path / "run")
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert settings["flip"] is True and settings["translate"] == 4
+    assert 0 <= result.test_acc <= 1 and len(result.history) == 1

@@ -22,6 +22,9 @@ offset. Returning the view instead of transposing back to NCHW saves two full co
 in forward and two in backward. Element-wise NumPy operations keep the memory order of their
 inputs (``order="K"``), so ReLU, residual sums and batch norm stay channel-major too, and the
 next convolution reads its input without a copy. :func:`channel_rows` is where the layout is used.
+
+Convolutions unfold a few images at a time into one reused buffer, so the column matrix stays in
+cache between im2col and the product (see "Scratch buffers" below for why).
 """
 from __future__ import annotations
 
@@ -112,9 +115,9 @@ def _pair(v):
 # buffer, and run the product on it while it is still in cache. The buffer never leaves the
 # function that filled it: the forward keeps only its input x (an array the previous layer made
 # anyway) and the backward unfolds x again. That costs one extra im2col per layer and saves the
-# memory of every column matrix. Smaller chunks mean more, smaller products; 4 MiB measured best
-# here with 2 BLAS threads. On a GPU (CuPy arrays) the whole batch is one chunk: there, one large
-# product is what is fast.
+# memory of every column matrix. Smaller chunks mean more, smaller products (and with several
+# BLAS threads, one thread hand-off per product); 2-4 MiB measured best on a 2-core machine.
+# On a GPU (CuPy arrays) the whole batch is one chunk: there, one large product is what is fast.
 CHUNK_BYTES = 4 << 20
 _WORKSPACE: dict = {}
 

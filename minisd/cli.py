@@ -38,6 +38,16 @@ def _positive_int(text):
     return value
 
 
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _probability(text):
     try:
         value = float(text)
@@ -93,7 +103,7 @@ def _add_train(sub):
                    help="augmentation: random horizontal flips (default: off for digits, on for cifar10)")
     p.add_argument("--train-subset", type=_positive_int, metavar="N", help="train on the first N training images only")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy, or $MINISD_BACKEND)")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--seed", type=_seed, help=f"default {d.seed}")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-resnet<depth>-<schedule>-seed<seed>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or from this checkpoint file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -113,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Directional gradient check (float64) of a small ResNet with a fixed mix "
                                    "of kept and dropped blocks.")
     p.add_argument("--depth", type=_depth, default=14)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     sub.add_parser("bench", help="timings (arguments go to minisd.bench)", add_help=False)
     return parser
 

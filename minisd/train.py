@@ -154,6 +154,8 @@ class Settings:
             bad(f"unknown backend {self.backend!r}; expected one of {', '.join(backend.BACKENDS)}")
         if self.translate is not None and self.translate < 0:
             bad(f"translate must be >= 0 pixels, got {self.translate}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad(f"seed must be a whole number >= 0, got {self.seed!r}")
         if self.train_subset is not None and self.train_subset < 2:
             bad(f"train subset must hold at least 2 images, got {self.train_subset}")
         return self

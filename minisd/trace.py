@@ -1,0 +1,424 @@
+"""Record what every layer did in forward and backward, for teaching.
+
+::
+
+    from minisd import trace
+    with trace.record(model) as t:           # keep_arrays=True also keeps copies of the arrays
+        logits = model(x)
+        loss, cache = F.softmax_cross_entropy_forward(logits, labels)
+        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+    print(t.table())                          # one line per layer call, forward then backward
+    t.events                                  # the same as a list of Event objects
+    t.stepper().step()                        # walk it one event at a time (prints and draws)
+
+How it works: on entry, every module of the tree (``model.named_modules()``) gets its ``forward``
+and ``backward`` replaced *on the instance* by a small wrapper that calls the original and measures
+what went in and what came out. On exit the instance attributes are deleted again, so the class
+methods are used as before: with no trace active nothing is wrapped, and recording costs nothing.
+
+What one :class:`Event` holds (``in`` and ``out`` are what came into and what went out of the call):
+
+* forward:  ``in`` = the input activation x, ``out`` = the output activation y;
+* backward: ``in`` = the incoming gradient dL/dy, ``out`` = the outgoing gradient dL/dx.
+
+For each: shape, L2 norm, mean and standard deviation (computed in float64). Also the time the
+call took (children included, the trace's own bookkeeping excluded), and for residual blocks the
+gate (``"kept"``, ``"dropped"``, or in row mode ``"rows"`` with the fraction of kept samples) and
+whether the branch was skipped. Events are listed in the order the calls *started*, so a block
+comes before the layers inside it.
+
+The numbers are read back to the host here (``float(...)``), one small transfer per statistic:
+the trace is the place where the user asked for numbers. Copies of arrays (``keep_arrays=True``)
+are NumPy arrays.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy
+
+from minisd import backend
+from minisd.residual import BasicBlock
+
+__all__ = ["Event", "Trace", "record", "Stepper", "array_stats"]
+
+PHASES = ("forward", "backward")
+
+
+@dataclass
+class Event:
+    """One call of one module's forward or backward."""
+
+    index: int                    # position in the trace (order in which calls started)
+    name: str                     # dotted name from model.named_modules(); "" is the traced module itself
+    kind: str                     # class name: Conv2d, BatchNorm2d, BasicBlock, ...
+    phase: str                    # "forward" or "backward"
+    depth: int                    # nesting level (0: the model, 1: its children, ...)
+    is_leaf: bool                 # a module without sub-modules
+    in_shape: tuple = ()
+    out_shape: tuple = ()
+    in_norm: float = math.nan
+    in_mean: float = math.nan
+    in_std: float = math.nan
+    out_norm: float = math.nan
+    out_mean: float = math.nan
+    out_std: float = math.nan
+    seconds: float = math.nan     # wall time of the call, children included, bookkeeping excluded
+    gate: str | None = None       # blocks: "kept", "dropped", "rows" (row mode), "eval" (no gate)
+    kept_fraction: float | None = None  # blocks: 1.0 kept, 0.0 dropped, row mode: share of kept samples
+    skipped: bool | None = None   # blocks: True if the branch did not run (and is not differentiated)
+    survival_prob: float | None = None
+    grad_norm: float | None = None  # backward of a module with parameters: norm of its own grads after
+    in_array: numpy.ndarray | None = field(default=None, repr=False)   # keep_arrays=True only
+    out_array: numpy.ndarray | None = field(default=None, repr=False)  # keep_arrays=True only
+
+    @property
+    def label(self) -> str:
+        """The dotted name, or the class name in brackets for the traced module itself, e.g. "(ResNetCifar)"."""
+        return self.name or f"({self.kind})"
+
+    @property
+    def is_block(self) -> bool:
+        return self.kind == "BasicBlock"
+
+    def as_dict(self, arrays: bool = False) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if arrays or not k.endswith("_array")}
+        d["label"] = self.label
+        return d
+
+    def describe(self) -> str:
+        """A few lines in words, as the stepper prints them."""
+        what_in, what_out = (("input x", "output y") if self.phase == "forward"
+                             else ("incoming grad dL/dy", "outgoing grad dL/dx"))
+        lines = [f"[{self.index}] {self.phase:<8} {self.label}  ({self.kind})"]
+        if self.gate is not None:
+            gate = self.gate if self.gate != "rows" else f"rows, {self.kept_fraction:.0%} of samples kept"
+            p = f", p = {self.survival_prob:.3f}" if self.survival_prob is not None else ""
+            lines.append(f"    gate: {gate}{p}; branch {'SKIPPED' if self.skipped else 'ran'}")
+        lines.append(f"    {what_in:<20} shape {str(self.in_shape):<18} norm {self.in_norm:10.4g}  "
+                     f"mean {self.in_mean:+.3e}  std {self.in_std:.3e}")
+        lines.append(f"    {what_out:<20} shape {str(self.out_shape):<18} norm {self.out_norm:10.4g}  "
+                     f"mean {self.out_mean:+.3e}  std {self.out_std:.3e}")
+        extra = f"    time {self.seconds * 1e3:.3f} ms"
+        if self.grad_norm is not None:
+            extra += f"; norm of this layer's parameter gradients {self.grad_norm:.4g}"
+        lines.append(extra)
+        return "\n".join(lines)
+
+
+def array_stats(a) -> tuple[float, float, float]:
+    """(L2 norm, mean, std) of an array, in float64, read back to Python floats."""
+    if a is None or not hasattr(a, "dtype") or a.size == 0:
+        return math.nan, math.nan, math.nan
+    xp = backend.array_module(a)
+    v = a.astype(xp.float64)  # keeps the memory order (no copy into NCHW order needed)
+    # Element-wise square and sum rather than a dot product: no BLAS call, no flattening copy.
+    return math.sqrt(float((v * v).sum())), float(v.mean()), float(v.std())
+
+
+def _sync(a) -> None:
+    """Wait for the GPU, so that a timing covers the work and not only its launch."""
+    if backend.is_device_array(a):
+        backend.array_module(a).cuda.get_current_stream().synchronize()
+
+
+def _block_gate(module) -> dict:
+    """Gate, kept fraction, skipped flag and p of a residual block after its forward."""
+    gate = module.gate
+    if gate is None:
+        label, fraction = "eval", None
+    elif isinstance(gate, (bool, numpy.bool_)):
+        label, fraction = ("kept" if gate else "dropped"), float(bool(gate))
+    else:
+        fraction = float(numpy.mean(gate))
+        label = "rows"
+    return dict(gate=label, kept_fraction=fraction, skipped=bool(module.branch_skipped),
+                survival_prob=float(module.survival_prob))
+
+
+def _filter(events, which: str) -> list[Event]:
+    if which == "all":
+        return list(events)
+    if which == "layers":
+        return [e for e in events if e.is_leaf or e.is_block]
+    if which == "blocks":
+        return [e for e in events if e.is_block]
+    raise ValueError(f"trace: which must be 'all', 'layers' or 'blocks', got {which!r}")
+
+
+class Trace:
+    """The events of one recording. Build it with :func:`record`."""
+
+    def __init__(self, model, keep_arrays: bool = False):
+        self.model = model
+        self.keep_arrays = bool(keep_arrays)
+        self.events: list[Event] = []
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self._depth = 0
+        self._overhead = 0.0  # seconds spent in bookkeeping, subtracted from the parents' times
+        self._installed: list = []
+        self.active = False
+
+    # ---- recording ----------------------------------------------------------------------------
+
+    def _wrap(self, module, name: str, phase: str):
+        original = getattr(module, phase)  # the bound method (or a wrapper already there)
+        trace = self
+        depth_of = name.count(".") + 1 if name else 0
+        leaf = not module._modules
+
+        def wrapped(arg):
+            if not trace.active:
+                return original(arg)
+            start_bookkeeping = time.perf_counter()
+            event = Event(index=len(trace.events), name=name, kind=type(module).__name__, phase=phase,
+                          depth=depth_of, is_leaf=leaf)
+            trace.events.append(event)
+            event.in_shape = tuple(getattr(arg, "shape", ()))
+            event.in_norm, event.in_mean, event.in_std = array_stats(arg)
+            if trace.keep_arrays:
+                event.in_array = numpy.array(backend.to_numpy(arg), copy=True)
+            _sync(arg)
+            overhead_before = trace._overhead = trace._overhead + (time.perf_counter() - start_bookkeeping)
+            t0 = time.perf_counter()
+            out = original(arg)
+            _sync(out)
+            t1 = time.perf_counter()
+            event.seconds = max(0.0, (t1 - t0) - (trace._overhead - overhead_before))
+            event.out_shape = tuple(getattr(out, "shape", ()))
+            event.out_norm, event.out_mean, event.out_std = array_stats(out)
+            if trace.keep_arrays:
+                event.out_array = numpy.array(backend.to_numpy(out), copy=True)
+            if isinstance(module, BasicBlock):
+                for key, value in _block_gate(module).items():
+                    setattr(event, key, value)
+            if phase == "backward" and module.grads:
+                total = sum(array_stats(g)[0] ** 2 for g in module.grads.values())
+                event.grad_norm = math.sqrt(total)
+            trace._overhead += time.perf_counter() - t1
+            return out
+
+        wrapped.__wrapped__ = original
+        return wrapped
+
+    def _install(self):
+        for name, module in self.model.named_modules():
+            for phase in PHASES:
+                had = phase in module.__dict__
+                previous = module.__dict__.get(phase)
+                object.__setattr__(module, phase, self._wrap(module, name, phase))
+                self._installed.append((module, phase, had, previous))
+        self.active = True
+
+    def _uninstall(self):
+        self.active = False
+        for module, phase, had, previous in reversed(self._installed):
+            if had:
+                object.__setattr__(module, phase, previous)
+            else:
+                module.__dict__.pop(phase, None)
+        self._installed = []
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def __len__(self):
+        return len(self.events)
+
+    def __iter__(self):
+        return iter(self.events)
+
+    def __getitem__(self, index):
+        return self.events[index]
+
+    def select(self, phase: str | None = None, name: str | None = None, kind: str | None = None,
+               leaves: bool | None = None, blocks: bool | None = None) -> list[Event]:
+        """Events filtered by phase, exact dotted name, class name, leaf-ness or block-ness."""
+        out = []
+        for e in self.events:
+            if phase is not None and e.phase != phase:
+                continue
+            if name is not None and e.name != name:
+                continue
+            if kind is not None and e.kind != kind:
+                continue
+            if leaves is not None and e.is_leaf != leaves:
+                continue
+            if blocks is not None and e.is_block != blocks:
+                continue
+            out.append(e)
+        return out
+
+    def forward(self) -> list[Event]:
+        return self.select(phase="forward")
+
+    def backward(self) -> list[Event]:
+        return self.select(phase="backward")
+
+    def find(self, name: str, phase: str = "forward") -> Event:
+        """The (last) event of the module called ``name`` in ``phase``; KeyError if there is none."""
+        found = self.select(phase=phase, name=name)
+        if not found:
+            raise KeyError(f"trace: no {phase} event for {name!r}")
+        return found[-1]
+
+    def block_events(self, phase: str = "backward") -> list[Event]:
+        """One event per residual block, in the order of ``model.blocks`` (the last call of each)."""
+        blocks = getattr(self.model, "blocks", None)
+        if blocks is None:
+            blocks = [m for m in self.model.modules() if isinstance(m, BasicBlock)]
+        by_name = {e.name: e for e in self.select(phase=phase, blocks=True)}
+        return [by_name[self.names[id(b)]] for b in blocks if self.names[id(b)] in by_name]
+
+    def gradient_at_block_inputs(self) -> list[float]:
+        """Norm of dL/dx at each block's input (the block's outgoing gradient in backward)."""
+        return [e.out_norm for e in self.block_events("backward")]
+
+    def total_seconds(self, phase: str) -> float:
+        """Time of the outermost calls of a phase (the model's own forward or backward)."""
+        top = min((e.depth for e in self.select(phase=phase)), default=0)
+        return float(sum(e.seconds for e in self.select(phase=phase) if e.depth == top))
+
+    def table(self, phase: str | None = None, which: str = "all", max_rows: int | None = None) -> str:
+        """A plain-text table, one row per event (nested names indented).
+
+        which: "all" events, "layers" (the layers that compute: leaf modules, plus the residual
+        blocks where the gate is) or "blocks" (residual blocks only).
+        """
+        rows = _filter(self.select(phase=phase), which)
+        header = (f"{'#':>4} {'phase':<8} {'layer':<28} {'kind':<16} {'in shape':<16} {'out shape':<16} "
+                  f"{'|in|':>10} {'|out|':>10} {'ms':>8}  gate")
+        lines = [header, "-" * len(header)]
+        shown = rows if max_rows is None else rows[:max_rows]
+        for e in shown:
+            gate = ""
+            if e.gate is not None:
+                gate = e.gate if e.gate != "rows" else f"rows {e.kept_fraction:.0%}"
+                gate += " (skipped)" if e.skipped else ""
+            label = ("  " * max(0, e.depth - 1) + e.label)[:28]
+            lines.append(f"{e.index:>4} {e.phase:<8} {label:<28} {e.kind[:16]:<16} {str(e.in_shape)[:16]:<16} "
+                         f"{str(e.out_shape)[:16]:<16} {e.in_norm:>10.4g} {e.out_norm:>10.4g} "
+                         f"{e.seconds * 1e3:>8.3f}  {gate}")
+        if max_rows is not None and len(rows) > max_rows:
+            lines.append(f"... {len(rows) - max_rows} more rows")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
+
+    def to_records(self) -> list[dict]:
+        """The events as dicts (arrays left out)."""
+        return [e.as_dict() for e in self.events]
+
+    def to_frame(self):
+        """A pandas DataFrame of the events (pandas is optional: ImportError with advice if missing)."""
+        try:
+            import pandas  # noqa: PLC0415
+        except ImportError:
+            raise ImportError("Trace.to_frame needs pandas (pip install pandas); "
+                              "Trace.table() gives the same as text") from None
+        return pandas.DataFrame(self.to_records())
+
+    def stepper(self, **kwargs) -> "Stepper":
+        """A :class:`Stepper` over this trace (see there for the options)."""
+        return Stepper(self, **kwargs)
+
+
+@contextlib.contextmanager
+def record(model, keep_arrays: bool = False):
+    """Record every forward and backward call of ``model`` and its sub-modules inside the block.
+
+    keep_arrays: also keep NumPy copies of each call's input and output (for the stepper's pictures;
+    off by default, since it copies every activation and gradient to the host).
+    """
+    t = Trace(model, keep_arrays=keep_arrays)
+    t._install()
+    try:
+        yield t
+    finally:
+        t._uninstall()
+
+
+class Stepper:
+    """Walk a trace one event at a time: forward through the layers, then backward.
+
+    ``step()`` prints the next event and draws its picture (works anywhere, CI included);
+    ``show(i)`` does the same for event i; ``widget()`` gives a slider with previous/next buttons
+    (ipywidgets, as Jupyter brings). By default the walk visits the layers that do the work (leaf
+    modules) and the residual blocks (where the gate is); ``which="all"`` visits every event.
+    """
+
+    def __init__(self, trace: Trace, which: str = "layers", draw: bool = True, max_channels: int = 8):
+        events = _filter(trace.events, which)
+        self.trace, self.events, self.draw, self.max_channels = trace, events, draw, max_channels
+        self.position = -1
+
+    def __len__(self):
+        return len(self.events)
+
+    def text(self, i: int) -> str:
+        e = self.events[i]
+        return f"step {i + 1} of {len(self.events)}\n" + e.describe()
+
+    def figure(self, i: int):
+        """The picture of event i (a matplotlib Figure), see :func:`minisd.plots.trace_event`."""
+        from minisd import plots  # noqa: PLC0415  (matplotlib only when a picture is asked for)
+
+        return plots.trace_event(self.events[i], max_channels=self.max_channels)
+
+    def show(self, i: int):
+        """Print event i and (with draw=True) display its picture; returns the Figure or None."""
+        self.position = int(i)
+        print(self.text(self.position))
+        if not self.draw:
+            return None
+        fig = self.figure(self.position)
+        _display_figure(fig)
+        return fig
+
+    def step(self, n: int = 1):
+        """Advance by n events (back with a negative n) and show that one."""
+        if not self.events:
+            raise ValueError("Stepper: the trace has no events (was anything run inside trace.record?)")
+        return self.show(min(max(self.position + n, 0), len(self.events) - 1))
+
+    def reset(self):
+        self.position = -1
+
+    def widget(self):
+        """A slider plus previous / next buttons; each move prints the event and redraws its picture."""
+        import ipywidgets as widgets  # noqa: PLC0415
+
+        slider = widgets.IntSlider(value=0, min=0, max=max(0, len(self.events) - 1), description="event",
+                                   continuous_update=False, layout=widgets.Layout(width="60%"))
+        prev_button = widgets.Button(description="◀ previous")
+        next_button = widgets.Button(description="next ▶")
+        output = widgets.Output()
+
+        def render(change=None):
+            output.clear_output(wait=True)
+            with output:
+                self.show(slider.value)
+
+        prev_button.on_click(lambda _: setattr(slider, "value", max(0, slider.value - 1)))
+        next_button.on_click(lambda _: setattr(slider, "value", min(slider.max, slider.value + 1)))
+        slider.observe(render, names="value")
+        render()
+        return widgets.VBox([widgets.HBox([prev_button, slider, next_button]), output])
+
+
+def _display_figure(fig):
+    """Show a figure in a notebook (IPython's display) or do nothing elsewhere, then close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    try:
+        from IPython import get_ipython  # noqa: PLC0415
+        from IPython.display import display  # noqa: PLC0415
+
+        if get_ipython() is not None:
+            display(fig)
+    except ImportError:
+        pass
+    plt.close(fig)

@@ -1,0 +1,242 @@
+"""minisd.trace: events for every layer, gates of dropped blocks, norms that match direct computation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import dev, host
+
+from minisd import functional as F
+from minisd import models, trace
+from minisd.residual import BasicBlock
+
+
+def small_model(**kwargs):
+    kwargs.setdefault("depth", 8 + 6)  # ResNet-14: 2 blocks per stage, 6 blocks
+    kwargs.setdefault("in_channels", 1)
+    kwargs.setdefault("dtype", "float64")
+    return models.resnet_cifar(**kwargs)
+
+
+def batch(rng, n=4, size=8):
+    return dev(rng.standard_normal((n, 1, size, size))), np.arange(n) % 10
+
+
+def train_step(model, x, labels):
+    logits = model(x)
+    _, cache = F.softmax_cross_entropy_forward(logits, labels)
+    model.zero_grad()
+    dlogits = F.softmax_cross_entropy_backward(1.0, cache)
+    dx = model.backward(dlogits)
+    return logits, dlogits, dx
+
+
+def norm(a):
+    return float(np.linalg.norm(host(a).ravel()))
+
+
+def test_every_module_has_a_forward_and_a_backward_event(rng):
+    model = small_model()
+    model.force_gates(True)
+    x, labels = batch(rng)
+    with trace.record(model) as t:
+        train_step(model, x, labels)
+    names = [name for name, _ in model.named_modules()]
+    for phase in ("forward", "backward"):
+        recorded = [e.name for e in t.select(phase=phase)]
+        assert sorted(recorded) == sorted(names), phase
+    assert len(t) == 2 * len(names)
+    assert t.events[0].name == "" and t.events[0].phase == "forward"
+    assert t.forward()[0].in_shape == (4, 1, 8, 8) and t.forward()[0].out_shape == (4, 10)
+    # Events are in the order calls started: a block comes before the layers inside it.
+    first_block = t.find("layer1.0")
+    assert first_block.index < t.find("layer1.0.branch.0").index
+    assert all(e.seconds >= 0 for e in t)
+
+
+def test_recording_leaves_no_trace_on_the_modules(rng):
+    model = small_model()
+    x, labels = batch(rng)
+    model.force_gates([True, False] * 3)
+    plain_logits, _, plain_dx = train_step(model, x, labels)
+    with trace.record(model):
+        assert "forward" in model.layer1.__dict__  # wrapped on the instance while recording
+        traced_logits, _, traced_dx = train_step(model, x, labels)
+    for m in model.modules():
+        assert "forward" not in m.__dict__ and "backward" not in m.__dict__
+        assert type(m).forward is m.forward.__func__
+    np.testing.assert_array_equal(host(plain_logits), host(traced_logits))
+    np.testing.assert_array_equal(host(plain_dx), host(traced_dx))
+
+
+def test_wrappers_are_removed_after_an_error(rng):
+    model = small_model()
+    with pytest.raises(ValueError):
+        with trace.record(model):
+            model(dev(rng.standard_normal((2, 3, 8, 8))))  # wrong channel count
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_dropped_blocks_are_reported_skipped_with_no_branch_events(rng):
+    model = small_model()
+    gates = [True, False, True, False, False, True]
+    model.force_gates(gates)
+    x, labels = batch(rng)
+    with trace.record(model) as t:
+        train_step(model, x, labels)
+    names = {id(m): n for n, m in model.named_modules()}
+    for block, kept in zip(model.blocks, gates):
+        name = names[id(block)]
+        for phase in ("forward", "backward"):
+            event = t.find(name, phase)
+            assert event.gate == ("kept" if kept else "dropped")
+            assert event.skipped is (not kept)
+            assert event.kept_fraction == float(kept)
+            assert event.survival_prob == pytest.approx(block.survival_prob)
+            branch_events = [e for e in t.select(phase=phase) if e.name.startswith(name + ".branch")]
+            assert bool(branch_events) is kept, (name, phase)
+            # The shortcut always runs.
+            assert t.find(name + ".shortcut", phase)
+        if not kept:
+            for _, g in block.branch.named_grads():
+                assert not host(g).any()
+    assert [e.skipped for e in t.block_events("backward")] == [not g for g in gates]
+
+
+def test_gradient_norms_equal_norms_computed_directly(rng):
+    model = small_model()
+    model.force_gates([True, False, True, True, False, True])
+    x, labels = batch(rng)
+    with trace.record(model, keep_arrays=True) as t:
+        logits, dlogits, dx = train_step(model, x, labels)
+    top_f, top_b = t.find("", "forward"), t.find("", "backward")
+    assert top_f.in_norm == pytest.approx(norm(x), rel=1e-12)
+    assert top_f.out_norm == pytest.approx(norm(logits), rel=1e-12)
+    assert top_b.in_norm == pytest.approx(norm(dlogits), rel=1e-12)
+    assert top_b.out_norm == pytest.approx(norm(dx), rel=1e-12)
+    assert top_b.out_mean == pytest.approx(float(host(dx).mean()), rel=1e-9, abs=1e-15)
+    assert top_b.out_std == pytest.approx(float(host(dx).std()), rel=1e-9)
+    # Every event's statistics match the arrays it kept, and what leaves one layer enters the next.
+    for e in t:
+        assert isinstance(e.in_array, np.ndarray) and isinstance(e.out_array, np.ndarray)
+        assert e.in_norm == pytest.approx(np.linalg.norm(e.in_array.ravel()), rel=1e-12)
+        assert e.out_norm == pytest.approx(np.linalg.norm(e.out_array.ravel()), rel=1e-12)
+        assert e.in_array.shape == e.in_shape and e.out_array.shape == e.out_shape
+    assert t.find("relu", "backward").in_norm == t.find("layer1", "backward").out_norm
+    # A block's backward output is the gradient at its input.
+    for block_event, block in zip(t.block_events("backward"), model.blocks):
+        assert block_event.out_shape == (4, block.in_channels) + block_event.out_shape[2:]
+    assert t.gradient_at_block_inputs()[0] == t.find("layer1", "backward").out_norm
+    # Parameter gradients of a layer, as the trace reports them.
+    conv = t.find("conv1", "backward")
+    assert conv.grad_norm == pytest.approx(norm(model.conv1.grads["weight"]), rel=1e-12)
+
+
+def test_row_mode_reports_the_fraction_of_kept_samples(rng):
+    model = small_model(mode="row")
+    model.force_gates([np.array([True, False, True, True])] + [np.zeros(4, bool)] + [None] * 4)
+    x, labels = batch(rng)
+    with trace.record(model) as t:
+        train_step(model, x, labels)
+    first, second = t.block_events("forward")[:2]
+    assert first.gate == "rows" and first.kept_fraction == 0.75 and first.skipped is False
+    assert second.kept_fraction == 0.0 and second.skipped is True
+
+
+def test_evaluation_mode_has_no_gate_and_runs_every_branch(rng):
+    model = small_model()
+    model.eval()
+    x, _ = batch(rng)
+    with trace.record(model) as t:
+        model(x)
+    blocks = t.block_events("forward")
+    assert len(blocks) == len(model.blocks)
+    assert all(e.gate == "eval" and e.skipped is False for e in blocks)
+    assert t.backward() == []
+
+
+def test_table_list_and_records(rng):
+    model = small_model()
+    model.force_gates(True)
+    x, labels = batch(rng)
+    with trace.record(model) as t:
+        train_step(model, x, labels)
+    text = t.table()
+    for name, _ in model.named_modules():
+        assert (name or "(ResNetCifar)") in text
+    assert "forward" in text and "backward" in text
+    short = t.table(phase="backward", which="layers", max_rows=5)
+    assert "more rows" in short and len(short.splitlines()) == 2 + 5 + 1
+    records = t.to_records()
+    assert len(records) == len(t) and "in_array" not in records[0] and records[0]["label"] == "(ResNetCifar)"
+    assert t.total_seconds("forward") > 0
+    blocks_only = t.table(which="blocks").splitlines()[2:]
+    assert len(blocks_only) == 2 * len(model.blocks) and all("BasicBlock" in line for line in blocks_only)
+    with pytest.raises(ValueError, match="which"):
+        t.table(which="leaves")
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pandas"):
+            t.to_frame()
+    else:
+        assert len(t.to_frame()) == len(t)
+
+
+def test_a_block_alone_can_be_traced(rng):
+    block = BasicBlock(2, 4, stride=2, survival_prob=0.5, dtype="float64")
+    block.force_gate(False)
+    x = dev(rng.standard_normal((3, 2, 6, 6)))
+    with trace.record(block) as t:
+        y = block(x)
+        block.backward(dev(rng.standard_normal(y.shape)))
+    assert [e.name for e in t] == ["", "shortcut", "", "shortcut"]
+    assert t.block_events("backward")[0].skipped is True
+
+
+def test_stepper_walks_forward_then_backward_and_draws(rng, capsys):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    model = small_model()
+    model.force_gates([True, False, True, True, True, True])
+    x, labels = batch(rng)
+    with trace.record(model, keep_arrays=True) as t:
+        train_step(model, x, labels)
+    stepper = t.stepper()
+    assert all(e.is_leaf or e.is_block for e in stepper.events)
+    phases = [e.phase for e in stepper.events]
+    assert phases == sorted(phases, key=lambda p: p != "forward")  # all forward, then all backward
+    fig = stepper.step()
+    assert isinstance(fig, Figure) and stepper.position == 0
+    printed = capsys.readouterr().out
+    assert "conv1" in printed and "step 1 of" in printed
+    stepper.step(3)
+    assert stepper.position == 3
+    stepper.step(-10)
+    assert stepper.position == 0
+    dropped = [i for i, e in enumerate(stepper.events) if e.gate == "dropped"]
+    fig = stepper.show(dropped[-1])
+    assert "SKIPPED" in capsys.readouterr().out
+    assert len(fig.axes) >= 2
+    quiet = trace.Stepper(t, which="blocks", draw=False)
+    assert len(quiet) == 2 * len(model.blocks) and quiet.step() is None
+    plt.close("all")
+
+
+def test_stepper_widget(rng):
+    widgets = pytest.importorskip("ipywidgets")
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    model = small_model()
+    x, labels = batch(rng)
+    with trace.record(model) as t:
+        train_step(model, x, labels)
+    ui = t.stepper().widget()
+    assert isinstance(ui, widgets.VBox)
+    slider = ui.children[0].children[1]
+    slider.value = 5  # redraws without error
+    assert math.isfinite(t.events[5].in_norm)

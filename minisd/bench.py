@@ -202,6 +202,12 @@ class _BranchTimer:
 def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH, use_torch=True, out=print):
     """Median step times (constant depth, linear decay, PyTorch) and the SD/constant ratio vs predicted."""
     has_torch = use_torch and _torch() is not None
+    out(f"\nTraining step (batch {batch}, 3x32x32, float32), median of {rounds} interleaved rounds; "
+        f"SD = linear decay to p_L = {final_survival}")
+    head = f"{'depth':>5} {'const ms':>9} {'SD ms':>8} {'SD/const':>8} {'predicted':>9} {'E[act]/L':>8} {'drawn':>6}"
+    if has_torch:
+        head += f" {'torch ms':>9} {'minisd/torch':>12} {'torch SD/const':>14}"
+    out(head)
     rows = []
     for depth in depths:
         const = models.resnet_cifar(depth, schedule="none", seed=0)
@@ -238,20 +244,13 @@ def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH,
             row.update(torch_ms=med["torch"] * 1e3, torch_sd_ms=med["torch_sd"] * 1e3,
                        vs_torch=med["const"] / med["torch"], torch_ratio=med["torch_sd"] / med["torch"])
         rows.append(row)
+        line = (f"{row['depth']:>5} {row['const_ms']:>9.0f} {row['sd_ms']:>8.0f} {row['ratio']:>8.3f} "
+                f"{row['predicted']:>9.3f} {row['naive']:>8.3f} {row['realised_active']:>6.3f}")
+        if has_torch:
+            line += f" {row['torch_ms']:>9.0f} {row['vs_torch']:>12.2f} {row['torch_ratio']:>14.3f}"
+        out(line)
         del const, sd, steps
         gc.collect()
-    out(f"\nTraining step (batch {batch}, 3x32x32, float32), median of {rounds} interleaved rounds; "
-        f"SD = linear decay to p_L = {final_survival}")
-    head = f"{'depth':>5} {'const ms':>9} {'SD ms':>8} {'SD/const':>8} {'predicted':>9} {'E[act]/L':>8} {'drawn':>6}"
-    if has_torch:
-        head += f" {'torch ms':>9} {'minisd/torch':>12} {'torch SD/const':>14}"
-    out(head)
-    for r in rows:
-        line = (f"{r['depth']:>5} {r['const_ms']:>9.0f} {r['sd_ms']:>8.0f} {r['ratio']:>8.3f} {r['predicted']:>9.3f} "
-                f"{r['naive']:>8.3f} {r['realised_active']:>6.3f}")
-        if has_torch:
-            line += f" {r['torch_ms']:>9.0f} {r['vs_torch']:>12.2f} {r['torch_ratio']:>14.3f}"
-        out(line)
     out("predicted = (T_const - sum_l (1 - p_l) B_l) / T_const, B_l = block l's branch time measured in the "
         "constant-depth steps; E[act]/L = expected active fraction; drawn = active fraction actually drawn")
     return rows

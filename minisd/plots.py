@@ -288,8 +288,14 @@ def gradient_flow(runs: dict, log_scale: bool = True, save=None):
         ax2.set_xticks(positions)
         ax2.set_xticklabels([_wrap_label(label) for label in labels])
         ax2.set_ylabel(r"$\|\partial L / \partial x\|$ at the stem")
-        n_steps = max(len(s) for s in data.values())
-        ax2.set_title("Gradient reaching the stem" + (f"\n(mean of {n_steps} steps)" if n_steps > 1 else ""))
+        counts = {len(s) for s in data.values()}
+        if counts == {1}:
+            note = ""
+        elif len(counts) == 1:
+            note = f"\n(mean of {counts.pop()} steps)"
+        else:
+            note = "\n(bar: mean; dots: single steps)"
+        ax2.set_title("Gradient reaching the stem" + note)
         highest = max([s["stem"] for steps in data.values() for s in steps] + means + [0.0])
         ax2.set_ylim(0, highest * 1.25 if highest > 0 else 1)
         fig.tight_layout()

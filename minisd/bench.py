@@ -204,7 +204,7 @@ def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH,
     has_torch = use_torch and _torch() is not None
     out(f"\nTraining step (batch {batch}, 3x32x32, float32), median of {rounds} interleaved rounds; "
         f"SD = linear decay to p_L = {final_survival}")
-    head = f"{'depth':>5} {'const ms':>9} {'SD ms':>8} {'SD/const':>8} {'predicted':>9} {'E[act]/L':>8} {'drawn':>6}"
+    head = f"{'depth':>5} {'const ms':>9} {'SD ms':>8} {'SD/const':>8} {'predicted':>9} {'E[act]/L':>8} {'drawn':>6} {'pred(drawn)':>11}"
     if has_torch:
         head += f" {'torch ms':>9} {'minisd/torch':>12} {'torch SD/const':>14}"
     out(head)
@@ -219,7 +219,7 @@ def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH,
 
         def sd_counted(sd_step=sd_step, sd=sd):
             sd_step()
-            active.append(sum(1 for b in sd.blocks if not b.branch_skipped))
+            active.append([not b.branch_skipped for b in sd.blocks])
 
         steps["sd"] = sd_counted
         if has_torch:
@@ -230,6 +230,8 @@ def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH,
         probs = sd.survival_probs
         branch = timer.medians()
         saved = sum((1.0 - p) * b for p, b in zip(probs, branch))
+        kept = [statistics.mean(col) for col in zip(*active)]  # how often each branch actually ran
+        saved_drawn = sum((1.0 - k) * b for k, b in zip(kept, branch))
         row = {
             "depth": depth,
             "const_ms": med["const"] * 1e3,
@@ -237,7 +239,8 @@ def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH,
             "ratio": med["sd"] / med["const"],
             "predicted": (med["const"] - saved) / med["const"],
             "naive": sum(probs) / len(probs),
-            "realised_active": statistics.mean(active) / len(probs),
+            "realised_active": statistics.mean(kept),
+            "predicted_drawn": (med["const"] - saved_drawn) / med["const"],
             "branch_share": sum(branch) / med["const"],
         }
         if has_torch:
@@ -245,14 +248,15 @@ def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH,
                        vs_torch=med["const"] / med["torch"], torch_ratio=med["torch_sd"] / med["torch"])
         rows.append(row)
         line = (f"{row['depth']:>5} {row['const_ms']:>9.0f} {row['sd_ms']:>8.0f} {row['ratio']:>8.3f} "
-                f"{row['predicted']:>9.3f} {row['naive']:>8.3f} {row['realised_active']:>6.3f}")
+                f"{row['predicted']:>9.3f} {row['naive']:>8.3f} {row['realised_active']:>6.3f} {row['predicted_drawn']:>11.3f}")
         if has_torch:
             line += f" {row['torch_ms']:>9.0f} {row['vs_torch']:>12.2f} {row['torch_ratio']:>14.3f}"
         out(line)
         del const, sd, steps
         gc.collect()
     out("predicted = (T_const - sum_l (1 - p_l) B_l) / T_const, B_l = block l's branch time measured in the "
-        "constant-depth steps; E[act]/L = expected active fraction; drawn = active fraction actually drawn")
+        "constant-depth steps; E[act]/L = expected active fraction; drawn = active fraction actually drawn; "
+        "pred(drawn) = the same prediction with the gates actually drawn (the cost model without the sampling noise)")
     return rows
 
 

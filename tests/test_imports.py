@@ -35,6 +35,8 @@ NUMPY_ALLOWED = {
     "trace.py": "records to_numpy summaries of what each layer did, for teaching",
     "plots.py": "matplotlib takes host arrays",
     "cli.py": "prints and saves host-side results",
+    "bench.py": "benchmarks the NumPy (CPU) path against PyTorch CPU: host arrays, host random data, "
+                "BLAS thread limits",
 }
 ARRAY_TOP_LEVEL = {"numpy", "cupy", "cupyx"}
 

@@ -233,6 +233,23 @@ def frozen_randomness(module):
             m.buffers[k][...] = v
 
 
+def _first_pass(module, x, seed, where):
+    """Shared start of the module checks: float64 guard, a private copy of x, one forward (which
+    draws the gates that the check then freezes) and the random upstream gradient dy."""
+    _require_float64(x, *module.parameters(), where=f"{where}({type(module).__name__})")
+    rng = _upstream_rng(seed)
+    x = _contiguous_copy(x)
+    module.zero_grad()
+    y = module(x)
+    return rng, x, _random_like(rng, y.shape, y)
+
+
+def _release_caches(module):
+    """Drop what the last forward kept (a check's extra forwards leave caches behind)."""
+    for m in module.modules():
+        m._cache = None
+
+
 def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_input=True,
                  raise_on_fail=False) -> GradcheckResult:
     """Element-wise check of a Module: its input gradient and every parameter gradient.
@@ -240,12 +257,7 @@ def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_
     The module and x must be float64. max_entries: check at most this many random entries per
     array (None: all). The module's mode is used as it is (train or eval).
     """
-    _require_float64(x, *module.parameters(), where=f"check_module({type(module).__name__})")
-    rng = _upstream_rng(seed)
-    x = _contiguous_copy(x)
-    module.zero_grad()
-    y = module(x)
-    dy = _random_like(rng, y.shape, y)
+    rng, x, dy = _first_pass(module, x, seed, "check_module")
     dy_before = _contiguous_copy(dy)
     with frozen_randomness(module):
         dx = module.backward(dy)
@@ -263,9 +275,7 @@ def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_
             numeric = numerical_gradient(run, array, dy, eps, picked)
             analytic = backend.to_numpy(grad).reshape(-1)[picked]
             result._add(name, analytic, numeric, [numpy.unravel_index(i, array.shape) for i in picked])
-        module._cache = None
-        for m in module.modules():
-            m._cache = None
+        _release_caches(module)
     return result.raise_if_failed() if raise_on_fail else result
 
 
@@ -276,12 +286,7 @@ def directional_check(module, x, eps=1e-5, tol=1e-6, seed=0, raise_on_fail=False
     analytic = Σ grad · v                      (one backward pass)
     with L = sum(module(x) * dy) for a random dy. Returns a result with one entry, "direction".
     """
-    _require_float64(x, *module.parameters(), where=f"directional_check({type(module).__name__})")
-    rng = _upstream_rng(seed)
-    x = _contiguous_copy(x)
-    module.zero_grad()
-    y = module(x)
-    dy = _random_like(rng, y.shape, y)
+    rng, x, dy = _first_pass(module, x, seed, "directional_check")
     with frozen_randomness(module):
         dx = module.backward(dy)
         arrays = [x] + [m.params[k] for _, m, k in module.parameter_slots()]
@@ -303,8 +308,7 @@ def directional_check(module, x, eps=1e-5, tol=1e-6, seed=0, raise_on_fail=False
             return value
 
         numeric = float(numpy.sum((output_at(eps) - output_at(-eps)) * dy_host)) / (2 * eps)
-        for m in module.modules():
-            m._cache = None
+        _release_caches(module)
     result = GradcheckResult(tol=tol)
     result._add("direction", numpy.array([analytic]), numpy.array([numeric]))
     return result.raise_if_failed() if raise_on_fail else result

@@ -76,7 +76,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
     (["train", "--schedule", "cubic"], "invalid choice: 'cubic'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["train", "--seed", "-1"], "expected a whole number >= 0"),
-    (["train", "--epochs", "0"], "expected a number >= 1"),
+    (["train", "--epochs", "0"], "expected a whole number >= 1"),
 ])
 def test_bad_command_lines_give_one_line_and_exit_2(capsys, argv, expected):
     line = one_error_line(capsys, run_main(argv), expected_code=2)

@@ -28,7 +28,9 @@ cache between im2col and the product (see "Scratch buffers" below for why).
 """
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from minisd.backend import array_module, is_device_array
 
@@ -39,6 +41,8 @@ __all__ = [
     "im2col",
     "col2im",
     "clear_workspace",
+    "set_num_threads",
+    "get_num_threads",
     "conv2d_forward",
     "conv2d_backward",
     "batch_norm_forward",
@@ -144,12 +148,116 @@ def clear_workspace() -> None:
     _WORKSPACE.clear()
 
 
-def _images_per_chunk(x, column_bytes_per_image):
-    """How many images of x to unfold at once: about CHUNK_BYTES of columns (all on a GPU)."""
+def _images_per_chunk(x, column_bytes_per_image, threads=1):
+    """How many images of x to unfold at once: about CHUNK_BYTES of columns (all on a GPU).
+
+    With several threads, the chunk count is rounded up to a multiple of ``threads`` so that every
+    thread gets the same number of chunks (no thread waits idle for the last one).
+    """
     n = x.shape[0]
     if is_device_array(x):
         return max(n, 1)
-    return max(1, min(n, CHUNK_BYTES // max(1, column_bytes_per_image)))
+    step = max(1, min(n, CHUNK_BYTES // max(1, column_bytes_per_image)))
+    if threads > 1:
+        chunks = -(-n // step)
+        chunks = -(-chunks // threads) * threads
+        step = max(1, -(-n // chunks))
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------------------------------
+
+# Why: only the matrix products use more than one core by themselves (through the BLAS), and on
+# the thin products of one chunk OpenBLAS gains little from its second thread. im2col, col2im and
+# the rest are NumPy copies that run on one core. NumPy releases the GIL in copies and in BLAS
+# calls, so plain Python threads can run whole chunks (im2col, product, col2im) side by side: each
+# thread with its own scratch buffer (see :func:`_scratch`) and a one-thread BLAS, so the cores
+# are not oversubscribed. Results stay deterministic: every chunk writes its own slice of the
+# output, and per-chunk weight gradients are added in chunk order, not in the order threads finish.
+_MAX_DEFAULT_THREADS = 4
+_NUM_THREADS = None  # None: read MINISD_NUM_THREADS or the CPU count at first use
+_POOL = None
+_BLAS = None  # a threadpoolctl controller (False if threadpoolctl is missing)
+
+
+def set_num_threads(n: int | None) -> None:
+    """Use ``n`` Python threads for the chunks of a CPU convolution (1: no threads).
+
+    ``None`` restores the default: the environment variable ``MINISD_NUM_THREADS``, else
+    ``os.cpu_count()`` capped at 4. While a convolution runs its chunks on several threads it
+    limits the BLAS to one thread each (with threadpoolctl) and restores your setting afterwards.
+    The thread count decides how a batch is cut into chunks, so results are bit-identical run to
+    run for a fixed count, but may differ in the last bits between different counts.
+    """
+    global _NUM_THREADS, _POOL
+    if n is not None and int(n) < 1:
+        raise ValueError(f"set_num_threads: expected n >= 1 or None, got {n}")
+    _NUM_THREADS = None if n is None else int(n)
+    if _POOL is not None:
+        _POOL.shutdown(wait=True)
+        _POOL = None
+
+
+def get_num_threads() -> int:
+    """The number of threads CPU convolutions use (see :func:`set_num_threads`)."""
+    if _NUM_THREADS is not None:
+        return _NUM_THREADS
+    env = os.environ.get("MINISD_NUM_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"MINISD_NUM_THREADS must be a positive integer, got {env!r}") from None
+    return max(1, min(os.cpu_count() or 1, _MAX_DEFAULT_THREADS))
+
+
+def _one_blas_thread():
+    """A context that limits the BLAS to one thread (a no-op without threadpoolctl)."""
+    global _BLAS
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+        except ImportError:
+            _BLAS = False
+        else:
+            _BLAS = ThreadpoolController()  # made after NumPy is loaded, so it sees its BLAS
+    if _BLAS is False:
+        import contextlib  # noqa: PLC0415
+
+        return contextlib.nullcontext()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
+def _map_chunks(fn, starts, threads):
+    """[fn(n0) for n0 in starts], on ``threads`` threads; results in the order of ``starts``.
+
+    Thread t runs chunks t, t + threads, ... (the calling thread is thread 0), so every thread
+    has the same share and the result list does not depend on which thread finishes first.
+    """
+    global _POOL
+    if threads <= 1 or len(starts) <= 1:
+        return [fn(n0) for n0 in starts]
+    threads = min(threads, len(starts))
+    if _POOL is None or _POOL._max_workers < threads - 1:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="minisd-conv")
+
+    def run(t):
+        return [fn(n0) for n0 in starts[t::threads]]
+
+    with _one_blas_thread():
+        futures = [_POOL.submit(run, t) for t in range(1, threads)]
+        try:
+            shares = [run(0)]
+        finally:
+            shares += [f.result() for f in futures]  # waits for all (re-raises their errors)
+    results = [None] * len(starts)
+    for t, share in enumerate(shares):
+        results[t::threads] = share
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,13 +462,17 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     w_rows = weight.reshape(out_channels, k)
     # (O, N, Ho, Wo): the product's natural layout, handed out as an NCHW view (module docstring).
     out = xp.empty((out_channels, n, ho, wo), dtype=x.dtype)
-    step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize)
-    for n0 in range(0, n, step):
+    threads = 1 if is_device_array(x) else get_num_threads()
+    step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize, threads)
+
+    def chunk(n0):
         xs = x[n0 : n0 + step]
         m = xs.shape[0]
         cols = _im2col_into(_scratch(xp, (c, kh, kw, m, ho, wo), x.dtype), xs, kh, kw, sh, sw, ph, pw)
         # The product, written straight into this chunk's columns of the output.
         xp.matmul(w_rows, cols.reshape(k, m * ho * wo), out=out[:, n0 : n0 + m].reshape(out_channels, m * ho * wo))
+
+    _map_chunks(chunk, range(0, n, step), threads)
     if bias is not None:
         out += bias[:, None, None, None]
     y = out.transpose(1, 0, 2, 3)
@@ -382,10 +494,11 @@ def conv2d_backward(dy, cache):
     k = c * kh * kw
     w_rows = weight.reshape(out_channels, k)
     dy_cm = dy.transpose(1, 0, 2, 3)  # (O, N, Ho, Wo): a free view when dy is channel-major
-    dweight = xp.zeros((out_channels, k), dtype=weight.dtype)
     dx = xp.empty((c, n, h, w), dtype=x.dtype)  # channel-major, like every activation here
-    step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize)
-    for n0 in range(0, n, step):
+    threads = 1 if is_device_array(x) else get_num_threads()
+    step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize, threads)
+
+    def chunk(n0):
         xs = x[n0 : n0 + step]
         m = xs.shape[0]
         dy_rows = dy_cm[:, n0 : n0 + m].reshape(out_channels, m * ho * wo)
@@ -394,10 +507,17 @@ def conv2d_backward(dy, cache):
         cols = _im2col_into(buf.reshape(c, kh, kw, m, ho, wo), xs, kh, kw, sh, sw, ph, pw).reshape(buf.shape)
         # dW^T = cols @ dY^T: the same product as dY @ cols^T, but OpenBLAS runs this orientation
         # of the thin shapes (a long reduction, a (C*kh*kw, O) result) about 1.5x faster here.
-        dweight += (cols @ dy_rows.T).T
+        dweight_t = cols @ dy_rows.T  # this chunk's share of dW^T
         # cols is no longer needed: W^T @ dY overwrites the same buffer (no fresh 9x-sized array).
         dcols = xp.matmul(w_rows.T, dy_rows, out=buf)
         _col2im_into(dx[:, n0 : n0 + m], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw, overwrite=True)
+        return dweight_t
+
+    # dW is the sum of the chunks' shares, added in chunk order (deterministic with threads).
+    dweight_t = xp.zeros((k, out_channels), dtype=weight.dtype)
+    for share in _map_chunks(chunk, range(0, n, step), threads):
+        dweight_t += share
+    dweight = dweight_t.T
     dbias = channel_rows(dy).sum(axis=1) if has_bias else None
     return dx.transpose(1, 0, 2, 3), dweight.reshape(weight.shape), dbias
 

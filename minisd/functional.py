@@ -260,6 +260,26 @@ def _map_chunks(fn, starts, threads):
     return results
 
 
+# Below this many elements a thread hand-off costs more than the pass it would split.
+_SPLIT_MIN_SIZE = 1 << 18
+
+
+def _map_channel_groups(fn, x):
+    """fn(channel slice) over the channels of ``x`` (axis 1), split into one group per thread.
+
+    For the element-wise and per-channel passes (batch norm, ReLU), which NumPy runs on one core:
+    the groups of channels run side by side, as the chunks of a convolution do. Small or device
+    arrays get a single call with ``slice(None)`` (every channel).
+    """
+    channels = x.shape[1] if x.ndim >= 2 else 1
+    threads = 1 if is_device_array(x) or x.size < _SPLIT_MIN_SIZE else min(get_num_threads(), channels)
+    if threads <= 1:
+        fn(slice(None))
+        return
+    step = -(-channels // threads)
+    _map_chunks(lambda c0: fn(slice(c0, c0 + step)), range(0, channels, step), threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # im2col / col2im
 # ----------------------------------------------------------------------------------------------
@@ -551,18 +571,29 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, trai
     one fresh array. The cache keeps the centred values; x_hat = centred * inv_std is never
     stored, backward folds inv_std into its per-channel constants.
     """
+    xp = array_module(x)
     rows = channel_rows(x)  # (C, M)
     count = rows.shape[1]
+    centered = xp.empty(rows.shape, dtype=rows.dtype)
+    y_rows = xp.empty(rows.shape, dtype=rows.dtype)
     if training:
-        mean = rows.mean(axis=1)
-        centered = rows - mean[:, None]
-        var = _row_dots(centered, centered) / count
+        mean = xp.empty(rows.shape[0], dtype=rows.dtype)
+        var = xp.empty(rows.shape[0], dtype=rows.dtype)
     else:
         mean, var = running_mean, running_var
-        centered = rows - mean[:, None]
-    inv_std = 1.0 / (var + eps) ** 0.5
-    y_rows = centered * (gamma * inv_std)[:, None]
-    y_rows += beta[:, None]
+    inv_std = xp.empty(rows.shape[0], dtype=var.dtype)
+
+    def channels(c):  # channels are independent: groups of them run on threads
+        if training:
+            mean[c] = rows[c].mean(axis=1)
+        xp.subtract(rows[c], mean[c][:, None], out=centered[c])
+        if training:
+            var[c] = _row_dots(centered[c], centered[c]) / count
+        inv_std[c] = 1.0 / (var[c] + eps) ** 0.5
+        xp.multiply(centered[c], (gamma[c] * inv_std[c])[:, None], out=y_rows[c])
+        y_rows[c] += beta[c][:, None]
+
+    _map_channel_groups(channels, x)
     y = _rows_to_shape(y_rows, x.shape)
     cache = (centered, gamma, inv_std, training, x.shape, mean, var)
     return y, cache
@@ -578,20 +609,28 @@ def batch_norm_backward(dy, cache):
     Evaluation (fixed statistics): dx = gamma * inv_std * dy.
     """
     centered, gamma, inv_std, training, x_shape, _, _ = cache
+    xp = array_module(dy)
     dy_rows = channel_rows(dy)
     count = dy_rows.shape[1]
-    dbeta = dy_rows.sum(axis=1)
-    dgamma = _row_dots(dy_rows, centered) * inv_std  # x_hat = centered * inv_std, folded in
-    scale = (gamma * inv_std)[:, None]
-    if training:
-        # The same formula in four in-place passes on one fresh array (x_hat * dgamma / M is
-        # centered * (inv_std * dgamma / M)); dy is only read.
-        dx_rows = centered * (-(inv_std * dgamma) / count)[:, None]
-        dx_rows += dy_rows
-        dx_rows -= (dbeta / count)[:, None]
-        dx_rows *= scale
-    else:
-        dx_rows = dy_rows * scale
+    dbeta = xp.empty(dy_rows.shape[0], dtype=dy_rows.dtype)
+    dgamma = xp.empty(dy_rows.shape[0], dtype=dy_rows.dtype)
+    dx_rows = xp.empty(dy_rows.shape, dtype=dy_rows.dtype)
+
+    def channels(c):  # channels are independent: groups of them run on threads
+        dbeta[c] = dy_rows[c].sum(axis=1)
+        dgamma[c] = _row_dots(dy_rows[c], centered[c]) * inv_std[c]  # x_hat = centered * inv_std
+        scale = (gamma[c] * inv_std[c])[:, None]
+        if training:
+            # The formula in four in-place passes on dx (x_hat * dgamma / M is
+            # centered * (inv_std * dgamma / M)); dy is only read.
+            xp.multiply(centered[c], (-(inv_std[c] * dgamma[c]) / count)[:, None], out=dx_rows[c])
+            dx_rows[c] += dy_rows[c]
+            dx_rows[c] -= (dbeta[c] / count)[:, None]
+            dx_rows[c] *= scale
+        else:
+            xp.multiply(dy_rows[c], scale, out=dx_rows[c])
+
+    _map_channel_groups(channels, dy)
     return _rows_to_shape(dx_rows, x_shape), dgamma, dbeta
 
 
@@ -628,14 +667,30 @@ def _rows_to_shape(rows, shape):
 def relu_forward(x):
     """y = max(x, 0), any shape. The cache is the boolean mask x > 0 (a quarter of the memory)."""
     xp = array_module(x)
-    mask = x > 0
-    return xp.maximum(x, 0), mask
+    y = xp.empty_like(x)  # keeps x's memory order (channel-major stays channel-major)
+    mask = xp.empty_like(x, dtype=bool)
+
+    def part(c):  # element-wise: groups of channels run on threads (see _map_channel_groups)
+        index = (slice(None), c) if x.ndim >= 2 else ...
+        xp.greater(x[index], 0, out=mask[index])
+        xp.maximum(x[index], 0, out=y[index])
+
+    _map_channel_groups(part, x)
+    return y, mask
 
 
 def relu_backward(dy, cache):
     """dx = dy where x > 0, else 0. Returns a new array (dy is left untouched)."""
     mask = cache
-    return dy * mask
+    xp = array_module(dy)
+    dx = xp.empty_like(dy)
+
+    def part(c):
+        index = (slice(None), c) if dy.ndim >= 2 else ...
+        xp.multiply(dy[index], mask[index], out=dx[index])
+
+    _map_channel_groups(part, dy)
+    return dx
 
 
 def linear_forward(x, weight, bias=None):

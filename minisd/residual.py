@@ -258,13 +258,14 @@ class BasicBlock(Module):
             run_branch = multiplier != 0.0  # p = 0 at test time with the paper's rule: f * 0
         self.branch_skipped = not run_branch
         if run_branch:
-            f = self.branch(x)
+            # The branch's output (a fresh array from its last batch norm, whose cache keeps only
+            # the centred values) belongs to this block: scale and sum in place, no new arrays.
+            z = self.branch(x)
             if row_scale is not None:
-                z = s + f * row_scale
+                z *= row_scale
             elif multiplier != 1.0:
-                z = s + f * x.dtype.type(multiplier)
-            else:
-                z = s + f
+                z *= x.dtype.type(multiplier)
+            z += s
         else:
             z = s
         y, mask = F.relu_forward(z)
@@ -283,4 +284,6 @@ class BasicBlock(Module):
             df = dz * dz.dtype.type(multiplier)
         else:
             df = dz
-        return dx + self.branch.backward(df)  # paths merge at the input: gradients add
+        dx_branch = self.branch.backward(df)  # a fresh array (the first conv's dx): add in place
+        dx_branch += dx  # paths merge at the input: gradients add
+        return dx_branch

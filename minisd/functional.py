@@ -28,6 +28,7 @@ cache between im2col and the product (see "Scratch buffers" below for why).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -233,8 +234,9 @@ def _one_blas_thread():
 def _map_chunks(fn, starts, threads):
     """[fn(n0) for n0 in starts], on ``threads`` threads; results in the order of ``starts``.
 
-    Thread t runs chunks t, t + threads, ... (the calling thread is thread 0), so every thread
-    has the same share and the result list does not depend on which thread finishes first.
+    Each thread (the calling one included) takes the next chunk not yet taken until none is left,
+    so a thread that started late or ran slower takes fewer. Every result is stored at its chunk's
+    place, so the list does not depend on which thread ran which chunk.
     """
     global _POOL
     if threads <= 1 or len(starts) <= 1:
@@ -244,19 +246,22 @@ def _map_chunks(fn, starts, threads):
         if _POOL is not None:
             _POOL.shutdown(wait=True)
         _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="minisd-conv")
+    results = [None] * len(starts)
+    taken = itertools.count()  # next() on it is atomic under the GIL: each index is taken once
 
-    def run(t):
-        return [fn(n0) for n0 in starts[t::threads]]
+    def run():
+        for i in iter(taken.__next__, None):
+            if i >= len(starts):
+                return
+            results[i] = fn(starts[i])
 
     with _one_blas_thread():
-        futures = [_POOL.submit(run, t) for t in range(1, threads)]
+        futures = [_POOL.submit(run) for _ in range(threads - 1)]
         try:
-            shares = [run(0)]
+            run()
         finally:
-            shares += [f.result() for f in futures]  # waits for all (re-raises their errors)
-    results = [None] * len(starts)
-    for t, share in enumerate(shares):
-        results[t::threads] = share
+            for f in futures:
+                f.result()  # waits for every thread (and re-raises its error)
     return results
 
 

@@ -319,6 +319,11 @@ def phase_table(depth=20, rounds=5, batch=BATCH, out=print):
     out(f"{'phase':<55} {'ms':>7} {'share':>6}")
     for phase, sec in med.items():
         out(f"{phase:<55} {sec * 1e3:>7.1f} {sec / total:>6.1%}")
+    threads = F.get_num_threads()
+    if threads > 1:
+        out(f"(convolutions run their chunks on {threads} threads: the im2col and col2im rows add up the threads' "
+            "time, so the conv row, the wall time of the conv calls minus them, is an underestimate; "
+            "minisd.functional.set_num_threads(1) or MINISD_NUM_THREADS=1 gives the one-thread split)")
     return med, total
 
 

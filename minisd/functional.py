@@ -512,6 +512,13 @@ def conv2d_backward(dy, cache):
 
     With dY as a (O, N*Ho*Wo) matrix: dW = dY @ cols^T, db = row sums of dY,
     dcols = W^T @ dY, and dx = col2im(dcols); chunk by chunk of images, dW summed over chunks.
+
+    For a stride-1 "same" convolution (the 3x3 convs inside every residual block) dx is computed
+    as what it equals: a "same" convolution of dy with the kernel flipped in space and with its
+    in/out channels swapped, dx = W_flip (C, O*kh*kw) @ im2col(dy). Same result, but the product
+    writes C rows instead of the 9x larger dcols (C*kh*kw rows) that col2im would then read back and
+    scatter-add, and its reduction runs over O*kh*kw instead of over only O. col2im stays for
+    strided convolutions (and in :func:`col2im`, where students read it).
     """
     x, weight, has_bias, stride, padding = cache
     xp = array_module(dy, weight)
@@ -524,6 +531,11 @@ def conv2d_backward(dy, cache):
     dx = xp.empty((c, n, h, w), dtype=x.dtype)  # channel-major, like every activation here
     threads = 1 if is_device_array(x) else get_num_threads()
     step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize, threads)
+    # Stride 1 and "same" padding (then kh = 2*ph + 1, so dx needs the same padding as x had).
+    transposed = _slides(h, w, ho, wo, sh, sw)
+    if transposed:
+        # W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j], as rows (C, O*kh*kw): one small copy.
+        w_flip_rows = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, out_channels * kh * kw)
 
     def chunk(n0):
         xs = x[n0 : n0 + step]
@@ -535,9 +547,17 @@ def conv2d_backward(dy, cache):
         # dW^T = cols @ dY^T: the same product as dY @ cols^T, but OpenBLAS runs this orientation
         # of the thin shapes (a long reduction, a (C*kh*kw, O) result) about 1.5x faster here.
         dweight_t = cols @ dy_rows.T  # this chunk's share of dW^T
-        # cols is no longer needed: W^T @ dY overwrites the same buffer (no fresh 9x-sized array).
-        dcols = xp.matmul(w_rows.T, dy_rows, out=buf)
-        _col2im_into(dx[:, n0 : n0 + m], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw, overwrite=True)
+        if transposed:
+            # cols is no longer needed: the reused buffer now takes the columns of dy.
+            dy_cols = _scratch(xp, (out_channels, kh, kw, m, h, w), dy.dtype)
+            _im2col_into(dy_cols, dy[n0 : n0 + m], kh, kw, 1, 1, ph, pw)
+            dx_rows = dx[:, n0 : n0 + m].reshape(c, m * h * w)  # a view: this chunk's images of dx
+            xp.matmul(w_flip_rows, dy_cols.reshape(out_channels * kh * kw, m * h * w), out=dx_rows)
+        else:
+            # cols is no longer needed: W^T @ dY overwrites the same buffer (no fresh 9x-sized array).
+            dcols = xp.matmul(w_rows.T, dy_rows, out=buf)
+            _col2im_into(dx[:, n0 : n0 + m], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw,
+                         overwrite=True)
         return dweight_t
 
     # dW is the sum of the chunks' shares, added in chunk order (deterministic with threads).

@@ -800,6 +800,12 @@ def softmax_cross_entropy_forward(logits, labels):
         )
     if labels.dtype.kind not in "iu":
         raise ValueError(f"softmax_cross_entropy: expected integer labels, got dtype {labels.dtype}")
+    num_classes = logits.shape[1]
+    # One device-to-host read of two numbers on CuPy; a label of -1 would otherwise silently
+    # index the last class.
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"softmax_cross_entropy: expected labels in [0, {num_classes}), got values from "
+                         f"{int(labels.min())} to {int(labels.max())}")
     n = logits.shape[0]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_sum = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))

@@ -215,10 +215,18 @@ def check_pair(forward, backward, inputs: dict, grad_names=None, kwargs=None, ep
     return result.raise_if_failed() if raise_on_fail else result
 
 
+def _snapshot_buffers(module):
+    return [(m, k, v.copy()) for m in module.modules() for k, v in m.buffers.items()]
+
+
 @contextlib.contextmanager
-def frozen_randomness(module):
-    """Inside: every stochastic block reuses the gate its last forward drew; buffers are restored after."""
-    saved_buffers = [(m, k, v.copy()) for m in module.modules() for k, v in m.buffers.items()]
+def frozen_randomness(module, saved_buffers=None):
+    """Inside: every stochastic block reuses the gate its last forward drew; buffers are restored after.
+
+    ``saved_buffers``: a snapshot taken earlier (before the forward that drew the gates), so that
+    forward's running-statistics update is undone too; by default, a snapshot taken on entry.
+    """
+    saved_buffers = _snapshot_buffers(module) if saved_buffers is None else saved_buffers
     gated = [m for m in module.modules() if hasattr(m, "force_gate")]
     previous = [m.forced_gate for m in gated]
     try:
@@ -234,14 +242,16 @@ def frozen_randomness(module):
 
 
 def _first_pass(module, x, seed, where):
-    """Shared start of the module checks: float64 guard, a private copy of x, one forward (which
-    draws the gates that the check then freezes) and the random upstream gradient dy."""
+    """Shared start of the module checks: float64 guard, a private copy of x, a snapshot of the
+    buffers (restored when the check ends), one forward (which draws the gates that the check then
+    freezes) and the random upstream gradient dy."""
     _require_float64(x, *module.parameters(), where=f"{where}({type(module).__name__})")
     rng = _upstream_rng(seed)
     x = _contiguous_copy(x)
+    saved_buffers = _snapshot_buffers(module)
     module.zero_grad()
     y = module(x)
-    return rng, x, _random_like(rng, y.shape, y)
+    return rng, x, _random_like(rng, y.shape, y), saved_buffers
 
 
 def _release_caches(module):
@@ -257,9 +267,9 @@ def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_
     The module and x must be float64. max_entries: check at most this many random entries per
     array (None: all). The module's mode is used as it is (train or eval).
     """
-    rng, x, dy = _first_pass(module, x, seed, "check_module")
+    rng, x, dy, saved_buffers = _first_pass(module, x, seed, "check_module")
     dy_before = _contiguous_copy(dy)
-    with frozen_randomness(module):
+    with frozen_randomness(module, saved_buffers):
         dx = module.backward(dy)
         result = GradcheckResult(tol=tol)
         if rel_error(dy, dy_before) != 0.0:
@@ -286,8 +296,8 @@ def directional_check(module, x, eps=1e-5, tol=1e-6, seed=0, raise_on_fail=False
     analytic = Σ grad · v                      (one backward pass)
     with L = sum(module(x) * dy) for a random dy. Returns a result with one entry, "direction".
     """
-    rng, x, dy = _first_pass(module, x, seed, "directional_check")
-    with frozen_randomness(module):
+    rng, x, dy, saved_buffers = _first_pass(module, x, seed, "directional_check")
+    with frozen_randomness(module, saved_buffers):
         dx = module.backward(dy)
         arrays = [x] + [m.params[k] for _, m, k in module.parameter_slots()]
         grads = [dx] + [m.grads[k] for _, m, k in module.parameter_slots()]

@@ -139,13 +139,15 @@ class Module:
         """Copy arrays from ``state`` into this module, checking names, shapes and sizes.
 
         Values may be NumPy or CuPy arrays: they are moved to where this module's arrays live and
-        cast to their dtype. Raises ValueError naming every missing, unexpected or misshapen entry.
+        cast to their dtype. Raises ValueError naming every missing, unexpected or misshapen entry;
+        with ``strict=False`` (as in PyTorch) missing and unexpected names are ignored, shapes are
+        still checked.
         """
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         problems = []
-        if missing:
+        if strict and missing:
             problems.append(f"missing: {', '.join(missing)}")
         if strict and unexpected:
             problems.append(f"unexpected: {', '.join(unexpected)}")
@@ -155,6 +157,8 @@ class Module:
         if problems:
             raise ValueError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
         for key, target in own.items():
+            if key not in state:
+                continue  # strict=False: keep this module's own value, as PyTorch does
             value = backend.to_device(state[key], backend.backend_of(target))
             target[...] = value.astype(target.dtype, copy=False)
 

@@ -64,6 +64,9 @@ class SGD:
                 g = g + p * p.dtype.type(wd)  # a new array: the model's gradient is not changed
             if mu:
                 buf = self.buffers.get(name)
+                if buf is not None and (buf.dtype != p.dtype or backend.backend_of(buf) != backend.backend_of(p)):
+                    # The model was moved (model.to) after this buffer was made: follow it.
+                    buf = self.buffers[name] = backend.to_device(buf, backend.backend_of(p), p.dtype)
                 if buf is None:
                     buf = self.buffers[name] = g.copy()
                 else:

@@ -421,3 +421,11 @@ def test_no_backward_writes_into_its_dout(rng):
         dout = dev(dout_host)
         backward(dout, cache)
         np.testing.assert_array_equal(host(dout), dout_host, err_msg=backward.__name__)
+
+
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_cross_entropy_rejects_labels_outside_the_classes(bad):
+    logits = dev(np.zeros((2, 3)))
+    labels = dev(np.array([0, bad]))
+    with pytest.raises(ValueError, match=r"softmax_cross_entropy: expected labels in \[0, 3\)"):
+        F.softmax_cross_entropy_forward(logits, labels)

@@ -395,6 +395,11 @@ def test_load_state_dict_names_missing_and_misshapen_entries():
     with pytest.raises(ValueError, match=r"unexpected: 5\.weight"):
         net.load_state_dict(extra)
     net.load_state_dict(extra, strict=False)  # unexpected keys are fine when not strict
+    before = host(net.state_dict()["1.running_var"]).copy()
+    partial = {k: np.array(v) + 1 for k, v in missing.items()}  # copies (state aliases the net)
+    net.load_state_dict(partial, strict=False)  # so are missing ones: they keep their values
+    np.testing.assert_array_equal(host(net.state_dict()["1.running_var"]), before)
+    np.testing.assert_allclose(host(net.state_dict()["4.weight"]), partial["4.weight"], rtol=1e-6)
 
 
 def test_failed_load_changes_nothing():

@@ -171,3 +171,16 @@ def test_cosine_and_constant_schedules():
     assert optim.make_lr_schedule("step", 0.1, 4)(3) == pytest.approx(0.001)
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         optim.make_lr_schedule("exp", 0.1, 4)
+
+
+def test_momentum_buffers_follow_the_model_when_it_is_moved():
+    layer = _one_weight(1.0).to(dtype="float32")
+    opt = optim.SGD(layer, lr=0.1, momentum=0.9)
+    layer.zero_grad()
+    layer._accumulate("weight", backend.to_device(np.array([[0.5]], dtype=np.float32)))
+    opt.step()
+    assert opt.buffers["weight"].dtype == np.float32
+    layer.to(dtype="float64")
+    # buf = 0.9 * 0.5 + 0.5 = 0.95; p = 0.95 - 0.1 * 0.95 = 0.855, now accumulated in float64
+    assert _run(opt, layer, [0.5]) == pytest.approx([0.855], abs=1e-7)
+    assert opt.buffers["weight"].dtype == np.float64

@@ -13,8 +13,9 @@ Selecting a backend::
 
 Random numbers: :func:`seed` seeds a host generator (NumPy's PCG64) used for weight
 initialisation and stochastic-depth gates, so the same seed gives the same weights and the same gates
-on both backends, and a device generator (:func:`device_rng`) for work that stays on the device
-(data augmentation).
+on both backends, and a device generator (:func:`device_rng`) for user code that wants random
+numbers on the device. (Data augmentation derives its own generators per epoch from the run's
+seed, so that a resumed run draws exactly what an uninterrupted one drew: see ``minisd.data``.)
 """
 from __future__ import annotations
 

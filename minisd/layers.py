@@ -262,8 +262,9 @@ def kaiming_normal(rng, shape, fan: int, dtype):
     return (rng.standard_normal(shape) * math.sqrt(2.0 / fan)).astype(dtype)
 
 
-def _new_param(value, backend_name=None):
-    return backend.to_device(value, backend_name)
+def _new_param(value):
+    """Initial values are drawn on the host (the same numbers on every backend), then moved."""
+    return backend.to_device(value)
 
 
 class Sequential(Module):

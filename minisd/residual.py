@@ -214,7 +214,7 @@ class BasicBlock(Module):
         forced = self._forced_gate
         if self.mode == "batch":
             if forced is not None:
-                return bool(forced) if not isinstance(forced, numpy.ndarray) else bool(forced.all())
+                return forced  # a bool: force_gate takes arrays in row mode only
             if self.survival_prob >= 1.0:
                 return True  # no draw: p = 1 must not consume random numbers
             return bool(self.gate_rng.random() < self.survival_prob)

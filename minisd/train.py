@@ -229,12 +229,21 @@ def save_checkpoint(path, model, optimizer=None, meta: dict | None = None) -> st
         meta = dict(meta or {}, optimizer=opt_state["hyper"])
     meta = dict(meta or {}, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
     arrays["meta"] = numpy.array(json.dumps(meta))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_atomically(path, ".npz", lambda handle: numpy.savez(handle, **arrays))
+    return path
+
+
+def _write_atomically(path, suffix, write):
+    """write(handle) into a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash or Ctrl-C mid-write leaves the old file intact (a rename is atomic), never half a file.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
-            numpy.savez(handle, **arrays)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -242,7 +251,6 @@ def save_checkpoint(path, model, optimizer=None, meta: dict | None = None) -> st
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    return path
 
 
 def _checkpoint_path(path) -> str:
@@ -342,16 +350,7 @@ def _save_curves(history: list, path) -> None:
         ax.set_title(title)
         ax.legend(frameon=False)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    _write_atomically(path, ".png", lambda handle: fig.savefig(handle, format="png", dpi=100))
 
 
 # ----------------------------------------------------------------------------------------------

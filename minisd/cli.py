@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import sys
 
-from minisd import backend
+from minisd import backend, models
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -50,8 +50,10 @@ _probability = _number(float, 0.0, 1.0, "a number in [0, 1]")
 
 def _depth(text):
     value = _positive_int(text)
-    if value < 8 or (value - 2) % 6:
-        raise argparse.ArgumentTypeError(f"depth must be 6n + 2 (8, 14, 20, 32, 44, 56, 110, ...), got {value}")
+    try:
+        models.blocks_per_stage(value)  # the one place that knows the 6n + 2 rule
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("resnet_cifar: ")) from None
     return value
 
 

@@ -512,61 +512,103 @@ def conv2d_backward(dy, cache):
 
     With dY as a (O, N*Ho*Wo) matrix: dW = dY @ cols^T, db = row sums of dY,
     dcols = W^T @ dY, and dx = col2im(dcols); chunk by chunk of images, dW summed over chunks.
+    That is the general path (strided convolutions, and :func:`col2im`, where students read it).
 
-    For a stride-1 "same" convolution (the 3x3 convs inside every residual block) dx is computed
-    as what it equals: a "same" convolution of dy with the kernel flipped in space and with its
-    in/out channels swapped, dx = W_flip (C, O*kh*kw) @ im2col(dy). Same result, but the product
-    writes C rows instead of the 9x larger dcols (C*kh*kw rows) that col2im would then read back and
-    scatter-add, and its reduction runs over O*kh*kw instead of over only O. col2im stays for
-    strided convolutions (and in :func:`col2im`, where students read it).
+    A stride-1 "same" convolution (the 3x3 convs inside every residual block) takes a shorter
+    path, through the column matrix of **dy** instead of the one of x (see :func:`_same_conv_grads`).
     """
     x, weight, has_bias, stride, padding = cache
     xp = array_module(dy, weight)
     n, c, h, w = x.shape
     out_channels, _, kh, kw = weight.shape
     _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
-    k = c * kh * kw
-    w_rows = weight.reshape(out_channels, k)
-    dy_cm = dy.transpose(1, 0, 2, 3)  # (O, N, Ho, Wo): a free view when dy is channel-major
     dx = xp.empty((c, n, h, w), dtype=x.dtype)  # channel-major, like every activation here
     threads = 1 if is_device_array(x) else get_num_threads()
-    step = _images_per_chunk(x, k * ho * wo * x.dtype.itemsize, threads)
-    # Stride 1 and "same" padding (then kh = 2*ph + 1, so dx needs the same padding as x had).
-    transposed = _slides(h, w, ho, wo, sh, sw)
-    if transposed:
-        # W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j], as rows (C, O*kh*kw): one small copy.
-        w_flip_rows = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, out_channels * kh * kw)
+    if _slides(h, w, ho, wo, sh, sw):
+        chunk = _same_conv_grads(x, weight, dy, dx, ph, pw)
+        rows_per_image = out_channels * kh * kw * h * w  # the column matrix of dy
+    else:
+        chunk = _strided_conv_grads(x, weight, dy, dx, sh, sw, ph, pw, ho, wo)
+        rows_per_image = c * kh * kw * ho * wo  # the column matrix of x
+    step = _images_per_chunk(x, rows_per_image * x.dtype.itemsize, threads)
+    # dW is the sum of the chunks' shares, added in chunk order (deterministic with threads).
+    dweight = None
+    for share in _map_chunks(lambda n0: chunk(n0, n0 + step), range(0, n, step), threads):
+        dweight = share if dweight is None else dweight + share
+    dbias = channel_rows(dy).sum(axis=1) if has_bias else None
+    return dx.transpose(1, 0, 2, 3), xp.ascontiguousarray(dweight), dbias
 
-    def chunk(n0):
-        xs = x[n0 : n0 + step]
+
+def _strided_conv_grads(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
+    """The textbook backward, for images n0:n1: unfold x again, dW from its columns, dx by col2im.
+
+    Returns chunk(n0, n1), which writes dx[:, n0:n1] and returns this chunk's share of dW.
+    """
+    xp = array_module(dy, weight)
+    c, kh, kw = x.shape[1], weight.shape[2], weight.shape[3]
+    out_channels, k = weight.shape[0], x.shape[1] * kh * kw
+    w_rows = weight.reshape(out_channels, k)
+    dy_cm = dy.transpose(1, 0, 2, 3)  # (O, N, Ho, Wo): a free view when dy is channel-major
+
+    def chunk(n0, n1):
+        xs = x[n0:n1]
         m = xs.shape[0]
-        dy_rows = dy_cm[:, n0 : n0 + m].reshape(out_channels, m * ho * wo)
+        dy_rows = dy_cm[:, n0:n1].reshape(out_channels, m * ho * wo)
         # The columns again, in the reused buffer (the forward did not keep them).
         buf = _scratch(xp, (k, m * ho * wo), x.dtype)
         cols = _im2col_into(buf.reshape(c, kh, kw, m, ho, wo), xs, kh, kw, sh, sw, ph, pw).reshape(buf.shape)
         # dW^T = cols @ dY^T: the same product as dY @ cols^T, but OpenBLAS runs this orientation
         # of the thin shapes (a long reduction, a (C*kh*kw, O) result) about 1.5x faster here.
-        dweight_t = cols @ dy_rows.T  # this chunk's share of dW^T
-        if transposed:
-            # cols is no longer needed: the reused buffer now takes the columns of dy.
-            dy_cols = _scratch(xp, (out_channels, kh, kw, m, h, w), dy.dtype)
-            _im2col_into(dy_cols, dy[n0 : n0 + m], kh, kw, 1, 1, ph, pw)
-            dx_rows = dx[:, n0 : n0 + m].reshape(c, m * h * w)  # a view: this chunk's images of dx
-            xp.matmul(w_flip_rows, dy_cols.reshape(out_channels * kh * kw, m * h * w), out=dx_rows)
-        else:
-            # cols is no longer needed: W^T @ dY overwrites the same buffer (no fresh 9x-sized array).
-            dcols = xp.matmul(w_rows.T, dy_rows, out=buf)
-            _col2im_into(dx[:, n0 : n0 + m], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw,
-                         overwrite=True)
-        return dweight_t
+        dweight = (cols @ dy_rows.T).T.reshape(weight.shape)
+        # cols is no longer needed: W^T @ dY overwrites the same buffer (no fresh 9x-sized array).
+        dcols = xp.matmul(w_rows.T, dy_rows, out=buf)
+        _col2im_into(dx[:, n0:n1], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw, overwrite=True)
+        return dweight
 
-    # dW is the sum of the chunks' shares, added in chunk order (deterministic with threads).
-    dweight_t = xp.zeros((k, out_channels), dtype=weight.dtype)
-    for share in _map_chunks(chunk, range(0, n, step), threads):
-        dweight_t += share
-    dweight = dweight_t.T
-    dbias = channel_rows(dy).sum(axis=1) if has_bias else None
-    return dx.transpose(1, 0, 2, 3), dweight.reshape(weight.shape), dbias
+    return chunk
+
+
+def _same_conv_grads(x, weight, dy, dx, ph, pw):
+    """Backward of a stride-1 "same" convolution for images n0:n1, from one column matrix: dy's.
+
+    dx is what it equals, a "same" convolution of dy with the kernel flipped in space and its
+    in/out channels swapped::
+
+        dx = W_flip (C, O*kh*kw) @ dy_cols (O*kh*kw, N*H*W),    dy_cols = im2col(dy)
+
+    and W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j]. The product writes C rows, instead of the
+    9x larger dcols that col2im would read back and scatter-add.
+
+    dW comes from the same dy_cols. Row (o, i, j) of dy_cols holds dy[o] at pixel q + d, where
+    d = (i - ph) * W + (j - pw); flipping the offset, it is dy[o] at q - d' for the offset (i', j')
+    = (kh-1-i, kw-1-j). And dW[o, c, i', j'] = sum_p dy[o, p] x[c, p + d'] = sum_q dy[o, q - d'] x[c, q]
+    (q = p + d', the edges line up: both sides drop the pairs that cross the zero padding). So::
+
+        G = dy_cols @ x_rows^T  (O*kh*kw, C),    dW[o, c, i', j'] = G[(o, kh-1-i', kw-1-j'), c]
+
+    Both gradients from one im2col, where the textbook path unfolds x again for dW and dy for dx.
+    (The product's orientation, a long reduction to a small result, is also the one OpenBLAS runs
+    fastest on these thin shapes.)
+    """
+    xp = array_module(dy, weight)
+    n, c, h, w = x.shape
+    out_channels, _, kh, kw = weight.shape
+    # W_flip as rows (C, O*kh*kw): one small copy.
+    w_flip_rows = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, out_channels * kh * kw)
+    x_cm = x.transpose(1, 0, 2, 3)  # (C, N, H, W): a free view when x is channel-major
+
+    def chunk(n0, n1):
+        m = min(n1, n) - n0
+        dy_cols = _scratch(xp, (out_channels, kh, kw, m, h, w), dy.dtype)
+        _im2col_into(dy_cols, dy[n0:n1], kh, kw, 1, 1, ph, pw)
+        dy_cols = dy_cols.reshape(out_channels * kh * kw, m * h * w)
+        dx_rows = dx[:, n0:n1].reshape(c, m * h * w)  # a view: this chunk's images of dx
+        xp.matmul(w_flip_rows, dy_cols, out=dx_rows)
+        x_rows = x_cm[:, n0:n1].reshape(c, m * h * w)  # a view when x is channel-major
+        g = dy_cols @ x_rows.T  # (O*kh*kw, C)
+        return g.reshape(out_channels, kh, kw, c)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
+
+    return chunk
 
 
 # ----------------------------------------------------------------------------------------------

@@ -507,7 +507,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     return y, cache
 
 
-def conv2d_backward(dy, cache):
+def conv2d_backward(dy, cache, input_grad=True):
     """Gradients of :func:`conv2d_forward`: returns (dx, dweight, dbias or None).
 
     With dY as a (O, N*Ho*Wo) matrix: dW = dY @ cols^T, db = row sums of dY,
@@ -515,20 +515,24 @@ def conv2d_backward(dy, cache):
     That is the general path (strided convolutions, and :func:`col2im`, where students read it).
 
     A stride-1 "same" convolution (the 3x3 convs inside every residual block) takes a shorter
-    path, through the column matrix of **dy** instead of the one of x (see :func:`_same_conv_grads`).
+    path, through the column matrix of **dy** instead of the one of x (see :func:`_conv_grads_from_dy_columns`).
+
+    ``input_grad=False`` skips dx (returned as None), as PyTorch does for an input that does not
+    require grad: a network's first convolution, whose input is the images, needs only dW.
     """
     x, weight, has_bias, stride, padding = cache
     xp = array_module(dy, weight)
     n, c, h, w = x.shape
     out_channels, _, kh, kw = weight.shape
     _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
-    dx = xp.empty((c, n, h, w), dtype=x.dtype)  # channel-major, like every activation here
+    # channel-major, like every activation here
+    dx = xp.empty((c, n, h, w), dtype=x.dtype) if input_grad else None
     threads = 1 if is_device_array(x) else get_num_threads()
-    if _slides(h, w, ho, wo, sh, sw):
-        chunk = _same_conv_grads(x, weight, dy, dx, ph, pw)
+    if input_grad and _slides(h, w, ho, wo, sh, sw):
+        chunk = _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw)
         rows_per_image = out_channels * kh * kw * h * w  # the column matrix of dy
     else:
-        chunk = _strided_conv_grads(x, weight, dy, dx, sh, sw, ph, pw, ho, wo)
+        chunk = _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo)
         rows_per_image = c * kh * kw * ho * wo  # the column matrix of x
     step = _images_per_chunk(x, rows_per_image * x.dtype.itemsize, threads)
     # dW is the sum of the chunks' shares, added in chunk order (deterministic with threads).
@@ -536,13 +540,14 @@ def conv2d_backward(dy, cache):
     for share in _map_chunks(lambda n0: chunk(n0, n0 + step), range(0, n, step), threads):
         dweight = share if dweight is None else dweight + share
     dbias = channel_rows(dy).sum(axis=1) if has_bias else None
-    return dx.transpose(1, 0, 2, 3), xp.ascontiguousarray(dweight), dbias
+    return (None if dx is None else dx.transpose(1, 0, 2, 3)), xp.ascontiguousarray(dweight), dbias
 
 
-def _strided_conv_grads(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
+def _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
     """The textbook backward, for images n0:n1: unfold x again, dW from its columns, dx by col2im.
 
-    Returns chunk(n0, n1), which writes dx[:, n0:n1] and returns this chunk's share of dW.
+    Returns chunk(n0, n1), which writes dx[:, n0:n1] (unless dx is None: no input gradient)
+    and returns this chunk's share of dW.
     """
     xp = array_module(dy, weight)
     c, kh, kw = x.shape[1], weight.shape[2], weight.shape[3]
@@ -560,6 +565,8 @@ def _strided_conv_grads(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
         # dW^T = cols @ dY^T: the same product as dY @ cols^T, but OpenBLAS runs this orientation
         # of the thin shapes (a long reduction, a (C*kh*kw, O) result) about 1.5x faster here.
         dweight = (cols @ dy_rows.T).T.reshape(weight.shape)
+        if dx is None:
+            return dweight
         # cols is no longer needed: W^T @ dY overwrites the same buffer (no fresh 9x-sized array).
         dcols = xp.matmul(w_rows.T, dy_rows, out=buf)
         _col2im_into(dx[:, n0:n1], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw, overwrite=True)
@@ -568,7 +575,7 @@ def _strided_conv_grads(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
     return chunk
 
 
-def _same_conv_grads(x, weight, dy, dx, ph, pw):
+def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
     """Backward of a stride-1 "same" convolution for images n0:n1, from one column matrix: dy's.
 
     dx is what it equals, a "same" convolution of dy with the kernel flipped in space and its

@@ -312,11 +312,17 @@ class Conv2d(Module):
     bias: (out_channels,), uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch.
     Input (N, in_channels, H, W) -> output (N, out_channels, Ho, Wo),
     Ho = floor((H + 2*padding - kh) / stride) + 1.
+
+    ``input_grad`` (default True): whether backward computes dL/dx. A network's first layer reads
+    the images, whose gradient training never uses; with False, backward computes only the
+    weight gradients and returns None, as PyTorch skips the gradient of an input that does not
+    require grad. (The trainer sets it on the stem; gradient checks keep the default.)
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 dtype=None, rng=None):
+                 dtype=None, rng=None, input_grad=True):
         super().__init__()
+        self.input_grad = bool(input_grad)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = F._pair(kernel_size)
         self.stride = F._pair(stride)
@@ -344,7 +350,7 @@ class Conv2d(Module):
         return self._keep(cache, y)
 
     def backward(self, dy):
-        dx, dweight, dbias = F.conv2d_backward(dy, self._take(dy))
+        dx, dweight, dbias = F.conv2d_backward(dy, self._take(dy), input_grad=self.input_grad)
         self._accumulate("weight", dweight)
         if dbias is not None:
             self._accumulate("bias", dbias)

@@ -420,6 +420,8 @@ class _Trainer:
         settings.flip = dataset.flip if settings.flip is None else bool(settings.flip)
         self.dataset = dataset.to()
         self.model = _build_model(settings, self.dataset)
+        # The stem reads the images: their gradient is never used, so its backward skips dx.
+        self.model.conv1.input_grad = False
         self.optimizer = optim.SGD(self.model, lr=settings.lr, momentum=settings.momentum,
                                    nesterov=settings.nesterov, weight_decay=settings.weight_decay,
                                    skip_unused=settings.skip_unused)

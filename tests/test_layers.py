@@ -445,3 +445,17 @@ def test_default_dtype_is_float32_and_configurable():
 def test_repr_shows_the_tree():
     text = repr(_small_net())
     assert "Conv2d(2, 3, kernel_size=(3, 3)" in text and "(4): Linear(in_features=3" in text
+
+
+def test_conv2d_without_input_grad_returns_none_and_the_same_weight_grads(rng):
+    """The stem's setting: backward skips dL/dx but the parameter gradients are unchanged."""
+    x = dev(rng.standard_normal((2, 3, 5, 6)))
+    dy = dev(rng.standard_normal((2, 4, 5, 6)))
+    full = layers.Conv2d(3, 4, 3, 1, 1, dtype=F64, rng=np.random.default_rng(0))
+    stem = layers.Conv2d(3, 4, 3, 1, 1, dtype=F64, rng=np.random.default_rng(0), input_grad=False)
+    full(x)
+    stem(x)
+    assert full.backward(dy) is not None
+    assert stem.backward(dy) is None
+    for key in ("weight", "bias"):
+        np.testing.assert_allclose(host(stem.grads[key]), host(full.grads[key]), rtol=1e-12, atol=1e-12)

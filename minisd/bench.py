@@ -266,8 +266,8 @@ def step_table(depths=(20, 56, 110), rounds=20, final_survival=0.5, batch=BATCH,
 # ----------------------------------------------------------------------------------------------
 
 _PHASES = {
-    "im2col": ["_im2col_into"],
-    "col2im": ["_col2im_into"],
+    "im2col (full, width-only, height-only)": ["_im2col_into", "_width_columns", "_height_columns"],
+    "col2im, row-slide adds": ["_col2im_into", "_add_row_shifts"],
     "conv (products + glue)": ["conv2d_forward", "conv2d_backward"],
     "batch norm": ["batch_norm_forward", "batch_norm_backward", "update_running_stats"],
     "relu": ["relu_forward", "relu_backward"],
@@ -312,7 +312,7 @@ def phase_table(depth=20, rounds=5, batch=BATCH, out=print):
     # im2col and col2im run inside the conv functions: the conv row keeps only the rest (the
     # matrix products and a little glue).
     for i in range(rounds):
-        per_phase["conv (products + glue)"][i] -= per_phase["im2col"][i] + per_phase["col2im"][i]
+        per_phase["conv (products + glue)"][i] -= sum(per_phase[p][i] for p in list(_PHASES)[:2])
     total = statistics.median(totals)
     med = {phase: statistics.median(v) for phase, v in per_phase.items()}
     med["other (python, loss, pool, linear, SGD, residual sums)"] = total - sum(med.values())
@@ -322,7 +322,7 @@ def phase_table(depth=20, rounds=5, batch=BATCH, out=print):
         out(f"{phase:<55} {sec * 1e3:>7.1f} {sec / total:>6.1%}")
     threads = F.get_num_threads()
     if threads > 1:
-        out(f"(convolutions run their chunks on {threads} threads: the im2col and col2im rows add up the threads' "
+        out(f"(convolutions run their chunks on {threads} threads: the first two rows add up the threads' "
             "time, so the conv row, the wall time of the conv calls minus them, is an underestimate; "
             "minisd.functional.set_num_threads(1) or MINISD_NUM_THREADS=1 gives the one-thread split)")
     return med, total

@@ -119,12 +119,13 @@ def _pair(v):
 # enough to stay in the caches: a core's L2 holds 1 MiB here, the shared L3 36 MiB) into one reused
 # buffer, and run the product on it while it is still in cache. The buffer never leaves the
 # function that filled it: the forward keeps only its input x (an array the previous layer made
-# anyway) and the backward unfolds what it needs again (dy's columns for a stride-1 "same" conv,
-# x's otherwise). That costs one im2col per layer in backward and saves the memory of every
-# column matrix. Smaller chunks mean more, smaller products (and with several
-# BLAS threads, one thread hand-off per product); 2-4 MiB measured best on a 2-core machine.
+# anyway) and the backward unfolds what it needs again (for a stride-1 "same" conv, dy's width
+# columns and x's height columns, see :func:`_same_conv_chunks`; x's full columns otherwise).
+# That costs an unfolding per layer in backward and saves the memory of every column matrix. Smaller chunks mean more, smaller products (and with several BLAS threads, one
+# thread hand-off per product); 3 MiB measured best on a 2-core machine (a ResNet-20 step with
+# 1 MiB chunks took about 1.25x as long, with 4 MiB 1.04-1.12x, with 16 MiB 1.25x).
 # On a GPU (CuPy arrays) the whole batch is one chunk: there, one large product is what is fast.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 3 << 20
 _WORKSPACE: dict = {}
 
 
@@ -564,6 +565,18 @@ def _width_columns(x_cm, kw, pw):
     return cols.reshape(c * kw, m * h * w)
 
 
+def _height_columns(x_cm, kh, ph):
+    """im2col along the height only: (C*kh, M*H*W), row (c, i) = channel c slid by i - ph rows.
+
+    x_cm: (C, M, H, W). Rows that slid into a neighbouring image are zero (the padding above and
+    below each image). Filled into a reused buffer of its own ("height columns").
+    """
+    c, m, h, w = x_cm.shape
+    cols = _scratch(array_module(x_cm), (c, kh, 1, m, h, w), x_cm.dtype, "height columns")
+    _im2col_slide_into(cols, x_cm, kh, 1, ph, 0)
+    return cols.reshape(c * kh, m * h * w)
+
+
 def _add_row_shifts(out_rows, z, h, w, ph):
     """out[:, t] = sum_i z[i][:, t + (i - ph) * W]: the kernel rows of a same conv, as slides.
 
@@ -702,9 +715,7 @@ def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
         xp.matmul(w_flip_stack, cols_w, out=z.reshape(kh * c, total))
         _add_row_shifts(dx[:, n0:n1].reshape(c, total), z, h, w, ph)
 
-        x_cols = _scratch(xp, (c, kh, 1, m, h, w), x.dtype, "height columns")
-        _im2col_slide_into(x_cols, x_cm[:, n0:n1], kh, 1, ph, 0)
-        g = cols_w @ x_cols.reshape(c * kh, total).T  # (O*kw, C*kh)
+        g = cols_w @ _height_columns(x_cm[:, n0:n1], kh, ph).T  # (O*kw, C*kh)
         return g.reshape(out_channels, kw, c, kh)[:, ::-1].transpose(0, 2, 3, 1)
 
     return chunk

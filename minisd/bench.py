@@ -130,7 +130,10 @@ def _data(batch, seed=0):
 
 
 def minisd_step_fn(model, batch=BATCH):
-    """A closure running one training step (forward, loss, backward, SGD) of a minisd model."""
+    """A closure running one training step (forward, loss, backward, SGD) of a minisd model.
+
+    Sets ``model.conv1.input_grad = False``, as the trainer does: the images need no gradient.
+    """
     x, y = _data(batch)
     opt = optim.SGD(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
     model.conv1.input_grad = False  # as the trainer does (and PyTorch: the images need no gradient)

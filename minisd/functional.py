@@ -23,8 +23,10 @@ in forward and two in backward. Element-wise NumPy operations keep the memory or
 inputs (``order="K"``), so ReLU, residual sums and batch norm stay channel-major too, and the
 next convolution reads its input without a copy. :func:`channel_rows` is where the layout is used.
 
-Convolutions unfold a few images at a time into one reused buffer, so the column matrix stays in
-cache between im2col and the product (see "Scratch buffers" below for why).
+Convolutions unfold a few images at a time into small reused buffers, so the columns stay in
+cache between the unfolding and the product (see "Scratch buffers" below for why). A stride-1
+"same" convolution, the 3x3 conv of every residual block, unfolds only along the width and turns
+the kernel rows into slides of the product (see :func:`_same_conv_chunks`).
 """
 from __future__ import annotations
 
@@ -115,15 +117,16 @@ def _pair(v):
 # * first touch: fresh memory is slow the first time it is written (the kernel maps and zeroes
 #   every page, about 0.45 ms per MiB here), and arrays that large go back to the OS when freed,
 #   so a fresh column matrix per layer pays that again at every step.
-# So the convolutions below unfold a few images at a time (about CHUNK_BYTES of columns, small
-# enough to stay in the caches: a core's L2 holds 1 MiB here, the shared L3 36 MiB) into one reused
-# buffer, and run the product on it while it is still in cache. The buffer never leaves the
-# function that filled it: the forward keeps only its input x (an array the previous layer made
+# So the convolutions below unfold a few images at a time (about CHUNK_BYTES of scratch, small
+# enough to stay in the caches: a core's L2 holds 1 MiB here, the shared L3 36 MiB) into reused
+# buffers, and run the product on them while they are still in cache. The buffers never leave the
+# function that filled them: the forward keeps only its input x (an array the previous layer made
 # anyway) and the backward unfolds what it needs again (for a stride-1 "same" conv, dy's width
-# columns and x's height columns, see :func:`_same_conv_chunks`; x's full columns otherwise).
-# That costs an unfolding per layer in backward and saves the memory of every column matrix. Smaller chunks mean more, smaller products (and with several BLAS threads, one
-# thread hand-off per product); 3 MiB measured best on a 2-core machine (a ResNet-20 step with
-# 1 MiB chunks took about 1.25x as long, with 4 MiB 1.04-1.12x, with 16 MiB 1.25x).
+# columns and x's height columns, see :func:`_conv_grads_from_dy_columns`; x's full columns
+# otherwise). That costs an unfolding per layer in backward and saves the memory of every column
+# matrix. Smaller chunks mean more, smaller products (and with several BLAS threads, one thread
+# hand-off per product); 3 MiB measured best on a 2-core machine (a ResNet-20 step with 1 MiB
+# chunks took about 1.25x as long, with 4 MiB 1.04-1.12x, with 16 MiB 1.25x).
 # On a GPU (CuPy arrays) the whole batch is one chunk: there, one large product is what is fast.
 CHUNK_BYTES = 3 << 20
 _WORKSPACE: dict = {}
@@ -150,6 +153,7 @@ def _scratch(xp, shape, dtype, purpose="columns"):
 def clear_workspace() -> None:
     """Free the scratch buffers that convolutions reuse (they are re-created on demand)."""
     _WORKSPACE.clear()
+    _ONES.clear()
 
 
 def _images_per_chunk(x, column_bytes_per_image, threads=1):
@@ -179,7 +183,7 @@ def _images_per_chunk(x, column_bytes_per_image, threads=1):
 # the thin products of one chunk OpenBLAS gains little from its second thread. im2col, col2im and
 # the rest are NumPy copies that run on one core. NumPy releases the GIL in copies and in BLAS
 # calls, so plain Python threads can run whole chunks (im2col, product, col2im) side by side: each
-# thread with its own scratch buffer (see :func:`_scratch`) and a one-thread BLAS, so the cores
+# thread with its own scratch buffers (see :func:`_scratch`) and a one-thread BLAS, so the cores
 # are not oversubscribed. Results stay deterministic: every chunk writes its own slice of the
 # output, and per-chunk weight gradients are added in chunk order, not in the order threads finish.
 _MAX_DEFAULT_THREADS = 4
@@ -204,6 +208,7 @@ def set_num_threads(n: int | None) -> None:
     if _POOL is not None:
         _POOL.shutdown(wait=True)
         _POOL = None
+        _WORKSPACE.clear()  # the old threads' scratch buffers (keyed by their ids) would linger
 
 
 def get_num_threads() -> int:
@@ -482,7 +487,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, Ho, Wo).
     y = W (O, C*kh*kw) @ im2col(x) (C*kh*kw, N*Ho*Wo), plus bias per output channel,
     computed a chunk of images at a time (see CHUNK_BYTES). The cache keeps x, not the column
-    matrix (9x larger): backward builds the columns it needs itself.
+    matrix (kh*kw times larger than x): backward builds the columns it needs itself.
 
     A stride-1 "same" convolution (the 3x3 convs inside every residual block) computes the same
     sum in a cheaper order: see :func:`_same_conv_chunks`.
@@ -557,7 +562,8 @@ def _width_columns(x_cm, kw, pw):
     """im2col along the width only: (C*kw, M*H*W), row (c, j) = channel c slid by j - pw columns.
 
     x_cm: (C, M, H, W). The values that slid across a column edge are zero (the padding at the
-    left and right of each image). Filled into the reused "columns" buffer.
+    left and right of each image). A view of the reused "columns" scratch buffer: valid until the
+    next unfolding on this thread.
     """
     c, m, h, w = x_cm.shape
     cols = _scratch(array_module(x_cm), (c, 1, kw, m, h, w), x_cm.dtype)
@@ -569,7 +575,8 @@ def _height_columns(x_cm, kh, ph):
     """im2col along the height only: (C*kh, M*H*W), row (c, i) = channel c slid by i - ph rows.
 
     x_cm: (C, M, H, W). Rows that slid into a neighbouring image are zero (the padding above and
-    below each image). Filled into a reused buffer of its own ("height columns").
+    below each image). A view of the reused "height columns" scratch buffer: valid until the next
+    height unfolding on this thread.
     """
     c, m, h, w = x_cm.shape
     cols = _scratch(array_module(x_cm), (c, kh, 1, m, h, w), x_cm.dtype, "height columns")
@@ -596,7 +603,7 @@ def _add_row_shifts(out_rows, z, h, w, ph):
         if dh > 0:
             images[:, :, :dh] = 0
         else:
-            images[:, :, h + dh :] = 0
+            images[:, :, max(h + dh, 0) :] = 0
         d = max(-total, min(total, dh * w))
         if d > 0:
             out_rows[:, : total - d] += z[i][:, d:]
@@ -612,7 +619,8 @@ def conv2d_backward(dy, cache, input_grad=True):
     That is the general path (strided convolutions, and :func:`col2im`, where students read it).
 
     A stride-1 "same" convolution (the 3x3 convs inside every residual block) takes a shorter
-    path, through the column matrix of **dy** instead of the one of x (see :func:`_conv_grads_from_dy_columns`).
+    path: dy's width columns and x's height columns, no full column matrix (see
+    :func:`_conv_grads_from_dy_columns`).
 
     ``input_grad=False`` skips dx (returned as None), as PyTorch does for an input that does not
     require grad: a network's first convolution, whose input is the images, needs only dW.
@@ -626,12 +634,12 @@ def conv2d_backward(dy, cache, input_grad=True):
     dx = xp.empty((c, n, h, w), dtype=x.dtype) if input_grad else None
     threads = 1 if is_device_array(x) else get_num_threads()
     if input_grad and _slides(h, w, ho, wo, sh, sw):
-        chunk = _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw)
-        rows_per_image = (out_channels * kw + 2 * kh * c) * h * w  # dy's width columns, Z, x's height columns
+        chunk, bytes_per_image = _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw)
     else:
-        chunk = _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo)
-        rows_per_image = c * kh * kw * ho * wo  # the column matrix of x
-    step = _images_per_chunk(x, rows_per_image * x.dtype.itemsize, threads)
+        # Strided convolutions, and any convolution whose dx is not wanted (the stem: x's full
+        # columns are C*kh*kw = 27 rows per pixel there, fewer than the dy path would unfold).
+        chunk, bytes_per_image = _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo)
+    step = _images_per_chunk(x, bytes_per_image, threads)
     # dW is the sum of the chunks' shares, added in chunk order (deterministic with threads).
     dweight = None
     for share in _map_chunks(lambda n0: chunk(n0, n0 + step), range(0, n, step), threads):
@@ -643,8 +651,8 @@ def conv2d_backward(dy, cache, input_grad=True):
 def _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
     """The textbook backward, for images n0:n1: unfold x again, dW from its columns, dx by col2im.
 
-    Returns chunk(n0, n1), which writes dx[:, n0:n1] (unless dx is None: no input gradient)
-    and returns this chunk's share of dW.
+    Returns (chunk, bytes_per_image): chunk(n0, n1) writes dx[:, n0:n1] (unless dx is None: no
+    input gradient) and returns this chunk's share of dW.
     """
     xp = array_module(dy, weight)
     c, kh, kw = x.shape[1], weight.shape[2], weight.shape[3]
@@ -669,7 +677,7 @@ def _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
         _col2im_into(dx[:, n0:n1], dcols.reshape(c, kh, kw, m, ho, wo), kh, kw, sh, sw, ph, pw, overwrite=True)
         return dweight
 
-    return chunk
+    return chunk, k * ho * wo * x.dtype.itemsize  # the column matrix of x
 
 
 def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
@@ -688,7 +696,8 @@ def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
         dW[o, c, i, j] = sum_s dy[o, s - (j - pw)] x[c, s + (i - ph) W]
                        = sum_s cols_w(dy)[(o, kw-1-j), s] cols_h(x)[(c, i), s]
 
-    because row j' of cols_w(dy) holds dy slid by j' - pw, and -(j - pw) = (kw-1-j) - pw. Here
+    because row j' of cols_w(dy) holds dy slid by j' - pw, and -(j - pw) = (kw-1-j) - pw (a same
+    convolution has kw = 2*pw + 1, and kh = 2*ph + 1, which also makes dx's padding ph, pw). Here
     cols_h(x) (C*kh, N*H*W) is x unfolded along the height only (kh slides by whole image rows),
     and the edge zeros of each slab drop exactly the pairs that would cross the padding. So::
 
@@ -697,10 +706,11 @@ def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
     One product, a long reduction to a small result (the orientation OpenBLAS runs fastest on
     these thin shapes), and no kh*kw-fold column matrix anywhere.
 
-    Returns chunk(n0, n1), which writes dx[:, n0:n1] and returns this chunk's share of dW.
+    Returns (chunk, bytes_per_image): chunk(n0, n1) writes dx[:, n0:n1] and returns this chunk's
+    share of dW.
     """
     xp = array_module(dy, weight)
-    n, c, h, w = x.shape
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
     out_channels, _, kh, kw = weight.shape
     w_flip = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, O, kh, kw)
     w_flip_stack = w_flip.transpose(2, 0, 1, 3).reshape(kh * c, out_channels * kw)  # a small copy
@@ -708,7 +718,7 @@ def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
     dy_cm = dy.transpose(1, 0, 2, 3)
 
     def chunk(n0, n1):
-        m = min(n1, n) - n0
+        m = x_cm[:, n0:n1].shape[1]
         total = m * h * w
         cols_w = _width_columns(dy_cm[:, n0:n1], kw, pw)  # (O*kw, M*H*W)
         z = _scratch(xp, (kh, c, total), dy.dtype, "kernel rows")
@@ -718,7 +728,7 @@ def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
         g = cols_w @ _height_columns(x_cm[:, n0:n1], kh, ph).T  # (O*kw, C*kh)
         return g.reshape(out_channels, kw, c, kh)[:, ::-1].transpose(0, 2, 3, 1)
 
-    return chunk
+    return chunk, (out_channels * kw + 2 * kh * c) * h * w * x.dtype.itemsize  # cols_w, Z, cols_h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,10 +751,18 @@ def _row_sums(a):
 
     The matrix-vector product runs about 3x faster than ``a.sum(axis=1)`` on long float32 rows
     here (NumPy's pairwise sum is the more careful one, but the product's float32 error stays
-    near 1e-7 relative at these lengths: well inside what float32 training can tell apart).
+    at a few 1e-7 relative at these lengths: well inside what float32 training can tell apart).
+    The vector of ones is made once per length and kept (a fresh one would pay first touch).
     """
     xp = array_module(a)
-    return a @ xp.ones(a.shape[1], dtype=a.dtype)
+    key = (xp.__name__, xp.dtype(a.dtype).str, a.shape[1])
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = xp.ones(a.shape[1], dtype=a.dtype)
+    return a @ ones
+
+
+_ONES: dict = {}  # read-only vectors of ones for _row_sums, by (array module, dtype, length)
 
 
 def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, training=True, eps=1e-5):

@@ -260,6 +260,13 @@ def _release_caches(module):
         m._cache = None
 
 
+def _require_input_grad(dx, module, where, hint=""):
+    """A clear error when a backward returned no input gradient (a Conv2d with input_grad=False)."""
+    if dx is None:
+        raise ValueError(f"{where}: {module.describe()} returned no input gradient (a first Conv2d with "
+                         f"input_grad=False, as the trainer sets on the stem?); set input_grad = True {hint}".rstrip())
+
+
 def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_input=True,
                  raise_on_fail=False) -> GradcheckResult:
     """Element-wise check of a Module: its input gradient and every parameter gradient.
@@ -271,6 +278,8 @@ def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_
     dy_before = _contiguous_copy(dy)
     with frozen_randomness(module, saved_buffers):
         dx = module.backward(dy)
+        if check_input:
+            _require_input_grad(dx, module, "check_module", "or pass check_input=False")
         result = GradcheckResult(tol=tol)
         if rel_error(dy, dy_before) != 0.0:
             result.errors["dy modified by backward"] = 1.0
@@ -299,6 +308,7 @@ def directional_check(module, x, eps=1e-5, tol=1e-6, seed=0, raise_on_fail=False
     rng, x, dy, saved_buffers = _first_pass(module, x, seed, "directional_check")
     with frozen_randomness(module, saved_buffers):
         dx = module.backward(dy)
+        _require_input_grad(dx, module, "directional_check")
         arrays = [x] + [m.params[k] for _, m, k in module.parameter_slots()]
         grads = [dx] + [m.grads[k] for _, m, k in module.parameter_slots()]
         directions = [_random_like(rng, a.shape, a) for a in arrays]

@@ -340,7 +340,8 @@ class Conv2d(Module):
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params}")
+                f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params}"
+                + ("" if self.input_grad else ", input_grad=False"))
 
     def forward(self, x):
         self._check_input(x, 4, self.in_channels)

@@ -476,14 +476,21 @@ def test_conv2d_backward_without_input_grad_gives_only_weight_grads(rng, k, s, p
     np.testing.assert_allclose(host(db_only), host(db), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunks", ["one image each", "whole batch"])
 @pytest.mark.parametrize("image", [(6, 7), (2, 3), (1, 1)], ids=["6x7", "2x3", "1x1"])
-@pytest.mark.parametrize("k,p", [(5, 2), ((5, 3), (2, 1)), ((1, 5), (0, 2))], ids=["5x5", "5x3", "1x5"])
-def test_same_conv_with_kernel_rows_reaching_past_the_image(rng, monkeypatch, image, k, p):
-    """Kernel rows that slide further than the image is tall: output, dx and dW still match loops."""
+@pytest.mark.parametrize("k,p", [(5, 2), ((5, 3), (2, 1)), ((1, 5), (0, 2)), ((7, 1), (3, 0))],
+                         ids=["5x5", "5x3", "1x5", "7x1"])
+def test_same_conv_with_kernel_rows_reaching_past_the_image(rng, monkeypatch, image, k, p, chunks):
+    """Kernel rows that slide further than the image is tall: output, dx and dW still match loops.
+
+    With several images in a chunk, a row that slides past its image lands in the next one
+    unless it is zeroed (a 7-row kernel on 2-row images slides 3 rows: more than the image).
+    """
     kh, kw = _kshape(k)
     x = rng.standard_normal((3, 2) + image)
     w = rng.standard_normal((3, 2, kh, kw))
-    monkeypatch.setattr(F, "CHUNK_BYTES", 1)  # one image per chunk: slides stop at chunk ends
+    if chunks == "one image each":
+        monkeypatch.setattr(F, "CHUNK_BYTES", 1)
     y, cache = F.conv2d_forward(dev(x), dev(w), None, 1, p)
     np.testing.assert_allclose(host(y), conv2d_naive(x, w, None, 1, p), rtol=1e-11, atol=1e-11)
     result = assert_check(check_pair(F.conv2d_forward, F.conv2d_backward, {"x": dev(x), "weight": dev(w)},

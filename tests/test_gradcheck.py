@@ -304,3 +304,16 @@ def test_check_module_on_an_unforced_stochastic_block_freezes_its_gate(rng):
         assert block.forced_gate is None
     assert seen == {True, False}
 
+
+
+def test_checks_name_a_layer_that_returns_no_input_gradient(rng):
+    """A stem conv with input_grad=False (as the trainer sets it): a clear error, not a TypeError."""
+    conv = layers.Conv2d(2, 3, 3, padding=1, dtype="float64", input_grad=False)
+    x = dev(rng.standard_normal((2, 2, 4, 4)))
+    with pytest.raises(ValueError, match=r"check_module: Conv2d.*returned no input gradient"):
+        check_module(conv, x)
+    with pytest.raises(ValueError, match=r"directional_check: Conv2d.*returned no input gradient"):
+        directional_check(conv, x)
+    weights_only = assert_check(check_module(conv, x, check_input=False))
+    assert set(weights_only.errors) == {"weight", "bias"}
+    assert "input_grad=False" in repr(conv)

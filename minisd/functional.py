@@ -681,7 +681,7 @@ def _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
 
 
 def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
-    """Backward of a stride-1 "same" convolution for images n0:n1, from the width columns of dy.
+    """Backward of a stride-1 "same" convolution, chunk by chunk, from the width columns of dy.
 
     dx is what it equals, a "same" convolution of dy with the kernel flipped in space and its
     in/out channels swapped, W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j]; it runs as the forward

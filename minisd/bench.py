@@ -136,7 +136,7 @@ def minisd_step_fn(model, batch=BATCH):
     """
     x, y = _data(batch)
     opt = optim.SGD(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    model.conv1.input_grad = False  # as the trainer does (and PyTorch: the images need no gradient)
+    model.conv1.input_grad = False
 
     def step():
         opt.zero_grad()

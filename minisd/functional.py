@@ -156,18 +156,18 @@ def clear_workspace() -> None:
     _ONES.clear()
 
 
-def _images_per_chunk(x, column_bytes_per_image, threads=1):
-    """How many images of x to unfold at once: about CHUNK_BYTES of columns (all on a GPU).
+def _images_per_chunk(x, scratch_bytes_per_image, threads=1):
+    """How many images of x to unfold at once: about CHUNK_BYTES of scratch (all on a GPU).
 
     With several threads, the chunk count is rounded up to a multiple of ``threads`` so that every
     thread gets the same number of chunks (no thread waits idle for the last one).
     """
     n = x.shape[0]
-    if is_device_array(x) or n * column_bytes_per_image <= CHUNK_BYTES:
+    if is_device_array(x) or n * scratch_bytes_per_image <= CHUNK_BYTES:
         # The whole batch fits in one chunk (8x8 digits, say): one product, no thread hand-off,
         # which would cost more than it saves (measured: 2.4 s vs 1.7 s per digits epoch).
         return max(n, 1)
-    step = max(1, min(n, CHUNK_BYTES // max(1, column_bytes_per_image)))
+    step = max(1, min(n, CHUNK_BYTES // max(1, scratch_bytes_per_image)))
     if threads > 1:
         chunks = -(-n // step)
         chunks = -(-chunks // threads) * threads
@@ -718,14 +718,14 @@ def _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw):
     dy_cm = dy.transpose(1, 0, 2, 3)
 
     def chunk(n0, n1):
-        m = x_cm[:, n0:n1].shape[1]
-        total = m * h * w
+        xs = x_cm[:, n0:n1]
+        total = xs.shape[1] * h * w
         cols_w = _width_columns(dy_cm[:, n0:n1], kw, pw)  # (O*kw, M*H*W)
         z = _scratch(xp, (kh, c, total), dy.dtype, "kernel rows")
         xp.matmul(w_flip_stack, cols_w, out=z.reshape(kh * c, total))
         _add_row_shifts(dx[:, n0:n1].reshape(c, total), z, h, w, ph)
 
-        g = cols_w @ _height_columns(x_cm[:, n0:n1], kh, ph).T  # (O*kw, C*kh)
+        g = cols_w @ _height_columns(xs, kh, ph).T  # (O*kw, C*kh)
         return g.reshape(out_channels, kw, c, kh)[:, ::-1].transpose(0, 2, 3, 1)
 
     return chunk, (out_channels * kw + 2 * kh * c) * h * w * x.dtype.itemsize  # cols_w, Z, cols_h

@@ -32,16 +32,22 @@ def train_step(model, x, labels):
     return logits, dlogits, dx
 
 
-def norm(a):
-    return float(np.linalg.norm(host(a).ravel()))
-
-
-def test_every_module_has_a_forward_and_a_backward_event(rng):
+def traced_step_all_blocks(rng):
+    """A small model with every block forced on, and the trace of one training step of it."""
     model = small_model()
     model.force_gates(True)
     x, labels = batch(rng)
     with trace.record(model) as t:
         train_step(model, x, labels)
+    return model, t
+
+
+def norm(a):
+    return float(np.linalg.norm(host(a).ravel()))
+
+
+def test_every_module_has_a_forward_and_a_backward_event(rng):
+    model, t = traced_step_all_blocks(rng)
     names = [name for name, _ in model.named_modules()]
     for phase in ("forward", "backward"):
         recorded = [e.name for e in t.select(phase=phase)]
@@ -157,11 +163,7 @@ def test_evaluation_mode_has_no_gate_and_runs_every_branch(rng):
 
 
 def test_table_list_and_records(rng):
-    model = small_model()
-    model.force_gates(True)
-    x, labels = batch(rng)
-    with trace.record(model) as t:
-        train_step(model, x, labels)
+    model, t = traced_step_all_blocks(rng)
     text = t.table()
     for name, _ in model.named_modules():
         assert (name or "(ResNetCifar)") in text

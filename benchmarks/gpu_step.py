@@ -67,7 +67,7 @@ class _Timer:
     def time(self, step) -> float:
         self.synchronize()
         if self.cuda is not None:
-            start, end = self.cuda.Event(), self.cuda.Event()
+            start, end = self._event(), self._event()
             start.record()
             step()
             end.record()
@@ -77,6 +77,13 @@ class _Timer:
         step()
         self.synchronize()
         return (time.perf_counter() - t0) * 1e3
+
+    def _event(self):
+        # PyTorch's CUDA events keep no time unless asked (enable_timing=False by default, and
+        # elapsed_time then raises); CuPy's keep it by default and take no such argument.
+        if self.cuda.__name__.startswith("torch"):
+            return self.cuda.Event(enable_timing=True)
+        return self.cuda.Event()
 
     def _elapsed(self, start, end) -> float:
         if hasattr(start, "elapsed_time"):  # torch.cuda.Event

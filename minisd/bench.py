@@ -39,8 +39,8 @@ import tracemalloc
 
 import numpy
 
-from minisd import functional as F
-from minisd import models, optim
+from minisd import kernels, models, optim
+from minisd.kernels import fast as F  # the tier training runs; the phase table patches it
 
 __all__ = ["main", "set_threads", "layer_table", "step_table", "phase_table", "memory_table"]
 
@@ -279,7 +279,7 @@ _PHASES = {
 
 
 def phase_table(depth=20, rounds=5, batch=BATCH, out=print):
-    """Split a constant-depth step into phases by timing the functional kernels (patched in place)."""
+    """Split a constant-depth step into phases by timing the fast kernels (patched in place)."""
     model = models.resnet_cifar(depth, schedule="none", seed=0)
     step = minisd_step_fn(model, batch)
     spent = {}
@@ -323,11 +323,11 @@ def phase_table(depth=20, rounds=5, batch=BATCH, out=print):
     out(f"{'phase':<55} {'ms':>7} {'share':>6}")
     for phase, sec in med.items():
         out(f"{phase:<55} {sec * 1e3:>7.1f} {sec / total:>6.1%}")
-    threads = F.get_num_threads()
+    threads = kernels.get_num_threads()
     if threads > 1:
         out(f"(convolutions run their chunks on {threads} threads: the first two rows add up the threads' "
             "time, so the conv row, the wall time of the conv calls minus them, is an underestimate; "
-            "minisd.functional.set_num_threads(1) or MINISD_NUM_THREADS=1 gives the one-thread split)")
+            "minisd.kernels.set_num_threads(1) or MINISD_NUM_THREADS=1 gives the one-thread split)")
     return med, total
 
 
@@ -340,7 +340,7 @@ def memory_table(depth=56, sd_steps=5, final_survival=0.5, batch=BATCH, out=prin
         step()  # momentum buffers exist from here on: they are not part of the step's peak
         peaks = []
         for _ in range(1 if schedule == "none" else sd_steps):
-            F.clear_workspace()  # the chunk buffer is re-created inside the measured step
+            kernels.clear_workspace()  # the chunk buffer is re-created inside the measured step
             gc.collect()
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]

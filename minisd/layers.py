@@ -1,4 +1,4 @@
-"""Layers: thin classes that hold parameters, gradients and mode, and call the pairs in functional.py.
+"""Layers: thin classes that hold parameters, gradients and mode, and call the pairs of the active kernel tier.
 
 The protocol every layer follows (manual backprop)::
 
@@ -16,6 +16,7 @@ from typing import Iterator
 
 from minisd import backend
 from minisd import functional as F
+from minisd import kernels
 
 __all__ = [
     "Module",
@@ -347,11 +348,12 @@ class Conv2d(Module):
         self._check_input(x, 4, self.in_channels)
         for axis, (k, s, p) in enumerate(zip(self.kernel_size, self.stride, self.padding)):
             F.conv_output_size(x.shape[2 + axis], k, s, p, where=repr(self))
-        y, cache = F.conv2d_forward(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding)
+        y, cache = kernels.current().conv2d_forward(x, self.params["weight"], self.params.get("bias"),
+                                                    self.stride, self.padding)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        dx, dweight, dbias = F.conv2d_backward(dy, self._take(dy), input_grad=self.input_grad)
+        dx, dweight, dbias = kernels.current().conv2d_backward(dy, self._take(dy), input_grad=self.input_grad)
         self._accumulate("weight", dweight)
         if dbias is not None:
             self._accumulate("bias", dbias)
@@ -387,16 +389,17 @@ class BatchNorm2d(Module):
             self._check_input(x, 4, self.num_features)
         if self.training and x.size // x.shape[1] < 2:
             raise ValueError(f"{self.describe()}: training needs more than one value per channel, got input of shape {x.shape}")
-        y, cache = F.batch_norm_forward(
+        y, cache = kernels.current().batch_norm_forward(
             x, self.params["weight"], self.params["bias"],
             self.buffers["running_mean"], self.buffers["running_var"], self.training, self.eps,
         )
         if self.training:
-            F.update_running_stats(self.buffers["running_mean"], self.buffers["running_var"], cache, self.momentum)
+            kernels.current().update_running_stats(self.buffers["running_mean"], self.buffers["running_var"],
+                                                   cache, self.momentum)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, self._take(dy))
+        dx, dgamma, dbeta = kernels.current().batch_norm_backward(dy, self._take(dy))
         self._accumulate("weight", dgamma)
         self._accumulate("bias", dbeta)
         return dx
@@ -406,11 +409,11 @@ class ReLU(Module):
     """y = max(x, 0), element-wise, any shape."""
 
     def forward(self, x):
-        y, mask = F.relu_forward(x)
+        y, mask = kernels.current().relu_forward(x)
         return self._keep(mask, y)
 
     def backward(self, dy):
-        return F.relu_backward(dy, self._take(dy))
+        return kernels.current().relu_backward(dy, self._take(dy))
 
 
 class Linear(Module):
@@ -438,11 +441,11 @@ class Linear(Module):
 
     def forward(self, x):
         self._check_input(x, 2, self.in_features, "(N, in_features)")
-        y, cache = F.linear_forward(x, self.params["weight"], self.params.get("bias"))
+        y, cache = kernels.current().linear_forward(x, self.params["weight"], self.params.get("bias"))
         return self._keep(cache, y)
 
     def backward(self, dy):
-        dx, dweight, dbias = F.linear_backward(dy, self._take(dy))
+        dx, dweight, dbias = kernels.current().linear_backward(dy, self._take(dy))
         self._accumulate("weight", dweight)
         if dbias is not None:
             self._accumulate("bias", dbias)
@@ -454,8 +457,8 @@ class GlobalAvgPool2d(Module):
 
     def forward(self, x):
         self._check_input(x, 4)
-        y, cache = F.global_avg_pool_forward(x)
+        y, cache = kernels.current().global_avg_pool_forward(x)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        return F.global_avg_pool_backward(dy, self._take(dy))
+        return kernels.current().global_avg_pool_backward(dy, self._take(dy))

@@ -150,14 +150,14 @@ def test_planted_numpy_only_function_runs_on_numpy_and_fails_under_the_guard():
 
 def test_planted_numpy_only_call_inside_a_real_block_is_caught(guard, monkeypatch):
     """A NumPy-only name slipped into relu_forward fails the residual block's forward under the guard."""
-    from minisd import functional as F
+    from minisd import kernels
 
     def relu_forward_numpy_only(x):
         xp = backend.array_module(x)
         mask = x > 0
         return xp.where(mask, x, xp.zeros_like(x)) + xp.spacing(0) * 0, mask  # numpy.spacing: not in CuPy
 
-    monkeypatch.setattr(F, "relu_forward", relu_forward_numpy_only)
+    monkeypatch.setattr(kernels.current(), "relu_forward", relu_forward_numpy_only)
     block = residual.BasicBlock(4, 4)
     x = backend.to_device(np.random.default_rng(0).standard_normal((2, 4, 5, 5)).astype(np.float32))
     with pytest.raises(names.NotInCupy, match=r"numpy\.spacing"):

@@ -1,5 +1,6 @@
-"""functional.py: every forward/backward pair against naive loop oracles, and the element-wise
-finite-difference check in float64 (relative error < 1e-6) for inputs and parameters."""
+"""functional.py, the reference tier: every forward/backward pair against naive loop oracles, and
+the element-wise finite-difference check in float64 (relative error < 1e-6) for inputs and
+parameters. (tests/test_kernels.py holds the fast tier to this one.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -429,70 +430,3 @@ def test_cross_entropy_rejects_labels_outside_the_classes(bad):
     labels = dev(np.array([0, bad]))
     with pytest.raises(ValueError, match=r"softmax_cross_entropy: expected labels in \[0, 3\)"):
         F.softmax_cross_entropy_forward(logits, labels)
-
-
-# ------------------------------------------------------------------------------------------------
-# Chunks and threads: how real batches run (the small shapes above fit in one chunk)
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 1, 0), ((3, 1), (1, 1), (1, 0))],
-                         ids=["same3x3", "stride2", "1x1", "same3x1"])
-def test_conv2d_in_many_chunks_on_threads_matches_one_chunk(rng, monkeypatch, threads, k, s, p):
-    """A chunk of one or two images at a time, on one or two threads: same y, dx and dW."""
-    kh, kw = _kshape(k)
-    x = dev(rng.standard_normal((5, 3, 6, 7)))
-    w = dev(rng.standard_normal((4, 3, kh, kw)))
-    y1, cache1 = F.conv2d_forward(x, w, None, s, p)
-    dy = dev(rng.standard_normal(y1.shape))
-    dx1, dw1, _ = F.conv2d_backward(dy, cache1)
-    monkeypatch.setattr(F, "CHUNK_BYTES", 1)  # every chunk holds the smallest number of images
-    F.set_num_threads(threads)
-    try:
-        y2, cache2 = F.conv2d_forward(x, w, None, s, p)
-        dx2, dw2, _ = F.conv2d_backward(dy, cache2)
-        _, dw3, _ = F.conv2d_backward(dy, cache2, input_grad=False)
-    finally:
-        F.set_num_threads(None)
-    np.testing.assert_allclose(host(y2), host(y1), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(host(dx2), host(dx1), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(host(dw2), host(dw1), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(host(dw3), host(dw1), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(host(y2), conv2d_naive(host(x), host(w), None, s, p), rtol=1e-11, atol=1e-11)
-
-
-@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1)], ids=["same3x3", "stride2"])
-def test_conv2d_backward_without_input_grad_gives_only_weight_grads(rng, k, s, p):
-    x = dev(rng.standard_normal((2, 3, 5, 6)))
-    w = dev(rng.standard_normal((4, 3, k, k)))
-    b = dev(rng.standard_normal(4))
-    y, cache = F.conv2d_forward(x, w, b, s, p)
-    dy = dev(rng.standard_normal(y.shape))
-    _, dw, db = F.conv2d_backward(dy, cache)
-    dx_none, dw_only, db_only = F.conv2d_backward(dy, cache, input_grad=False)
-    assert dx_none is None
-    np.testing.assert_allclose(host(dw_only), host(dw), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(host(db_only), host(db), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("chunks", ["one image each", "whole batch"])
-@pytest.mark.parametrize("image", [(6, 7), (2, 3), (1, 1)], ids=["6x7", "2x3", "1x1"])
-@pytest.mark.parametrize("k,p", [(5, 2), ((5, 3), (2, 1)), ((1, 5), (0, 2)), ((7, 1), (3, 0))],
-                         ids=["5x5", "5x3", "1x5", "7x1"])
-def test_same_conv_with_kernel_rows_reaching_past_the_image(rng, monkeypatch, image, k, p, chunks):
-    """Kernel rows that slide further than the image is tall: output, dx and dW still match loops.
-
-    With several images in a chunk, a row that slides past its image lands in the next one
-    unless it is zeroed (a 7-row kernel on 2-row images slides 3 rows: more than the image).
-    """
-    kh, kw = _kshape(k)
-    x = rng.standard_normal((3, 2) + image)
-    w = rng.standard_normal((3, 2, kh, kw))
-    if chunks == "one image each":
-        monkeypatch.setattr(F, "CHUNK_BYTES", 1)
-    y, cache = F.conv2d_forward(dev(x), dev(w), None, 1, p)
-    np.testing.assert_allclose(host(y), conv2d_naive(x, w, None, 1, p), rtol=1e-11, atol=1e-11)
-    result = assert_check(check_pair(F.conv2d_forward, F.conv2d_backward, {"x": dev(x), "weight": dev(w)},
-                                     kwargs={"stride": 1, "padding": p}, tol=TOL))
-    assert set(result.errors) == {"x", "weight"}

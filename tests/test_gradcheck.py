@@ -14,6 +14,10 @@ from minisd import backend, functional as F, layers, residual
 from minisd.gradcheck import (GradientCheckError, check_module, check_pair, directional_check,
                               frozen_randomness, numerical_gradient, rel_error)
 
+# Finite-difference checks verify the math, which lives in the reference tier (tests/test_kernels.py
+# holds the fast tier to it, with a few checks of its own).
+pytestmark = pytest.mark.usefixtures("reference_tier")
+
 TOL = 1e-6
 
 

@@ -9,6 +9,10 @@ from helpers import assert_check, away_from_zero, batch_norm_naive, conv2d_naive
 from minisd import backend, layers
 from minisd.gradcheck import check_module
 
+# Finite-difference checks verify the math, which lives in the reference tier (tests/test_kernels.py
+# holds the fast tier to it, with a few checks of its own).
+pytestmark = pytest.mark.usefixtures("reference_tier")
+
 TOL = 1e-6
 F64 = "float64"
 

@@ -9,6 +9,10 @@ from minisd import functional as F, layers, models
 from minisd.gradcheck import check_module, directional_check
 from minisd.residual import BasicBlock, SubsampleZeroPad
 
+# Finite-difference checks verify the math, which lives in the reference tier (tests/test_kernels.py
+# holds the fast tier to it, with a few checks of its own).
+pytestmark = pytest.mark.usefixtures("reference_tier")
+
 TOL = 1e-6
 # A fixed mix for ResNet-20's 9 blocks: transitions (blocks 4 and 7) dropped and kept.
 MIX = [True, False, True, False, True, True, False, False, True]

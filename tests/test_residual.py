@@ -15,6 +15,10 @@ from minisd import backend, layers, residual
 from minisd.gradcheck import check_module
 from minisd.residual import BasicBlock, SubsampleZeroPad
 
+# Finite-difference checks verify the math, which lives in the reference tier (tests/test_kernels.py
+# holds the fast tier to it, with a few checks of its own).
+pytestmark = pytest.mark.usefixtures("reference_tier")
+
 TOL = 1e-6
 F64 = "float64"
 

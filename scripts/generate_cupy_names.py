@@ -32,6 +32,10 @@ END = "# --- END GENERATED ---"
 # Submodules whose names are recorded, and names a module makes available lazily (through a
 # module-level __getattr__) that dir() does not list.
 SUBMODULES = ("random", "linalg", "fft", "lib.stride_tricks")
+# Dunders that Python itself adds to every buffer type from 3.12 on (PEP 688): they say nothing
+# about CuPy, and recording them would make the list differ between Python versions (a GPU
+# machine on 3.12 found the list "stale" that 3.11 wrote for the same CuPy).
+PYTHON_VERSION_NAMES = frozenset({"__buffer__", "__release_buffer__"})
 LAZY_NAMES = {"random": ("Generator",)}
 
 
@@ -64,7 +68,8 @@ def collect() -> dict:
         data["submodules"][dotted] = _public_names(module, LAZY_NAMES.get(dotted, ()))
     generator = cupy.random.Generator
     data["generator"] = sorted(k for k in dir(generator) if not k.startswith("_"))
-    data["ndarray"] = sorted(k for k in dir(cupy.ndarray) if not k.startswith("_") or k.startswith("__"))
+    data["ndarray"] = sorted(k for k in dir(cupy.ndarray)
+                             if (not k.startswith("_") or k.startswith("__")) and k not in PYTHON_VERSION_NAMES)
     # cupy.empty(0).flags would need a GPU (allocation); read the flags class instead.
     from cupy._core.flags import Flags  # noqa: PLC0415
 

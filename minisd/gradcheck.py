@@ -9,8 +9,23 @@ The scalar L is ``sum(y * dy)`` for a *random* upstream gradient ``dy``, never `
 all-ones dy a batch norm whose backward returns dx = 0 would pass (the sum of a normalised channel
 does not depend on x), and so would a softmax. The analytic side is ``backward(dy)``.
 
-Relative error per entry: |a - n| / max(1e-12, |a| + |n|); a check passes when the largest is
-below ``tol`` (1e-6 for layers in float64).
+Each entry passes when ``|analytic - numerical| <= atol + rtol * |numerical|``, as PyTorch's
+``gradcheck`` decides. A relative error alone fails correct backwards: where the true gradient is
+near zero (a confident softmax, an input feature of 1e-9), the numerical side is rounding noise of
+about 1e-11 and its relative error is of order 1. The defaults follow from ε and the dtype's unit
+roundoff u (see :func:`default_tolerances`):
+
+    rtol = 1e4 * (ε² + u / ε)                     truncation and step rounding, relative
+    atol = 1e4 * u / ε * sum(|y * dy|)            the rounding noise of L itself, carried into the
+                                                  difference quotient
+
+(1e4 is the margin: a deep forward pass rounds by a multiple of u, and batch norm divides that by
+a standard deviation that may be small. Measured with these defaults: the worst entries of layers,
+residual blocks and a ResNet-20 at 3e-6 to 2e-4 of their tolerance, a batch norm of inputs scaled
+by 0.01 at 2e-2; the planted bugs in tests/test_gradcheck.py at more than 1e3.)
+With ε = 1e-5 in float64 that is rtol = 1.2e-6 and an atol of 2.2e-7 times the size of L's terms.
+Reports give each array's worst entry as a fraction of its tolerance (passed: at most 1) and
+list the worst entries.
 
 * :func:`check_pair` checks a forward/backward pair from ``functional``, entry by entry.
 * :func:`check_module` checks a Module's input and every parameter, entry by entry (optionally a
@@ -18,13 +33,17 @@ below ``tol`` (1e-6 for layers in float64).
 * :func:`directional_check` checks a whole network along one random unit direction over all
   inputs and parameters: two forward passes instead of two per entry, so a 110-layer network with
   dropped blocks is checked in seconds (as Chainer's check_backward does).
+* :func:`compare` applies the criterion to any pair of gradients (for experiments and teaching).
 
 Randomness is frozen during a check: the stochastic-depth gates drawn by the first forward are
-forced for every later evaluation, and buffers (batch-norm running statistics) are restored after.
+forced for every later evaluation; buffers (batch-norm running statistics) and the gate
+generators are restored afterwards, so a check run in the middle of training leaves the training
+exactly where it was.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import numpy
@@ -34,6 +53,8 @@ from minisd import backend
 __all__ = [
     "rel_error",
     "numerical_gradient",
+    "default_tolerances",
+    "compare",
     "check_pair",
     "check_module",
     "directional_check",
@@ -42,66 +63,104 @@ __all__ = [
     "frozen_randomness",
 ]
 
+# How far below the tolerance a correct backward is expected to sit (see the module docstring).
+TOLERANCE_MARGIN = 1e4
+
 
 class GradientCheckError(AssertionError):
     """Raised by a failed check; its message is the readable report."""
 
 
 def rel_error(a, b) -> float:
-    """max over entries of |a - b| / max(1e-12, |a| + |b|) (0.0 for empty arrays)."""
+    """max over entries of |a - b| / max(1e-12, |a| + |b|) (0.0 for empty arrays).
+
+    For looking at, not for deciding: near-zero entries make it large even when both sides agree
+    to rounding (the checks decide with :func:`default_tolerances`).
+    """
     a = numpy.asarray(backend.to_numpy(a), dtype=numpy.float64)
     b = numpy.asarray(backend.to_numpy(b), dtype=numpy.float64)
     if a.shape != b.shape:
         raise ValueError(f"rel_error: shapes differ: {a.shape} vs {b.shape}")
     if a.size == 0:
         return 0.0
-    return float(numpy.max(_entry_errors(a, b)))
+    return float(numpy.max(numpy.abs(a - b) / numpy.maximum(1e-12, numpy.abs(a) + numpy.abs(b))))
 
 
-def _entry_errors(a, b):
-    return numpy.abs(a - b) / numpy.maximum(1e-12, numpy.abs(a) + numpy.abs(b))
+def default_tolerances(eps=1e-5, dtype=numpy.float64, output=None, dy=None) -> tuple[float, float]:
+    """(atol, rtol) for central differences with step ``eps`` in ``dtype``, for L = sum(output * dy).
+
+    rtol = 1e4 (eps² + u / eps): the truncation error (eps²) and the rounding of the step itself
+    (u / eps), relative to the gradient. atol = 1e4 u / eps * sum(|output * dy|): each evaluation of
+    L is rounded by about u times the size of its terms, and the difference quotient divides that
+    by eps. Without ``output`` and ``dy`` the scale of L is taken as 1.
+    """
+    u = float(numpy.finfo(numpy.dtype(dtype)).eps)
+    scale = 1.0
+    if output is not None and dy is not None:
+        y = numpy.asarray(backend.to_numpy(output), dtype=numpy.float64)
+        d = numpy.asarray(backend.to_numpy(dy), dtype=numpy.float64)
+        scale = max(float(numpy.sum(numpy.abs(y * d))), numpy.finfo(numpy.float64).tiny)
+    rtol = TOLERANCE_MARGIN * (eps * eps + u / eps)
+    atol = TOLERANCE_MARGIN * u / eps * scale
+    return atol, rtol
 
 
 @dataclass
 class Worst:
-    """One badly matching entry."""
+    """One badly matching entry: |analytic - numeric| against what the tolerance allows there."""
 
     name: str
     index: tuple
     analytic: float
     numeric: float
-    error: float
+    allowed: float
+
+    @property
+    def error(self) -> float:
+        """|analytic - numeric| as a fraction of the tolerance at this entry (passes at <= 1)."""
+        return _ratio(abs(self.analytic - self.numeric), self.allowed)
+
+
+def _ratio(difference, allowed):
+    if difference == 0:
+        return 0.0
+    return difference / allowed if allowed > 0 else math.inf
 
 
 @dataclass
 class GradcheckResult:
-    """Errors per checked array (name -> max relative error) and the worst entries overall."""
+    """Per checked array (name -> its worst entry's error as a fraction of the tolerance
+    ``atol + rtol * |numerical|``; the array passes at <= 1) and the worst entries overall."""
 
     errors: dict = field(default_factory=dict)
     worst: list = field(default_factory=list)
-    tol: float = 1e-6
+    atol: float = 0.0
+    rtol: float = 0.0
 
     @property
     def max_error(self) -> float:
+        """The largest error as a fraction of its tolerance (passed: <= 1)."""
         return max(self.errors.values(), default=0.0)
 
     @property
     def passed(self) -> bool:
-        return self.max_error < self.tol
+        return self.max_error <= 1.0
 
     def failed(self) -> list:
-        """Names of the arrays whose error reached the tolerance."""
-        return [name for name, err in self.errors.items() if not err < self.tol]
+        """Names of the arrays with an entry outside its tolerance."""
+        return [name for name, err in self.errors.items() if not err <= 1.0]
 
     def report(self, top: int = 5) -> str:
-        lines = [f"gradient check {'passed' if self.passed else 'FAILED'} "
-                 f"(max relative error {self.max_error:.3e}, tolerance {self.tol:.0e})"]
+        lines = [f"gradient check {'passed' if self.passed else 'FAILED'} (worst entry at {self.max_error:.3g} of "
+                 f"its tolerance |analytic - numeric| <= atol + rtol * |numeric|, atol {self.atol:.1e}, "
+                 f"rtol {self.rtol:.1e})"]
         for name, err in self.errors.items():
-            lines.append(f"  {'ok  ' if err < self.tol else 'FAIL'} {name:<32} {err:.3e}")
+            lines.append(f"  {'ok  ' if err <= 1.0 else 'FAIL'} {name:<32} {err:.3g}")
         if not self.passed:
-            lines.append("  worst entries (name, index, analytic, numeric, rel. error):")
+            lines.append("  worst entries (name, index, analytic vs numeric, |difference| / tolerance there):")
             for w in sorted(self.worst, key=lambda w: -w.error)[:top]:
-                lines.append(f"    {w.name} {w.index}: {w.analytic:+.6e} vs {w.numeric:+.6e}  ({w.error:.2e})")
+                lines.append(f"    {w.name} {w.index}: {w.analytic:+.6e} vs {w.numeric:+.6e}  "
+                             f"({abs(w.analytic - w.numeric):.2e} / {w.allowed:.2e})")
         return "\n".join(lines)
 
     def raise_if_failed(self) -> "GradcheckResult":
@@ -109,17 +168,40 @@ class GradcheckResult:
             raise GradientCheckError(self.report())
         return self
 
+    def _flag(self, name) -> None:
+        """A failure that is not a number (a backward wrote into the gradient it was given)."""
+        self.errors[name] = math.inf
+
     def _add(self, name, analytic, numeric, index_map=None, keep=3):
         a = numpy.asarray(backend.to_numpy(analytic), dtype=numpy.float64).ravel()
         n = numpy.asarray(backend.to_numpy(numeric), dtype=numpy.float64).ravel()
         if a.size == 0:
             self.errors[name] = 0.0
             return
-        errs = _entry_errors(a, n)
+        allowed = self.atol + self.rtol * numpy.abs(n)
+        difference = numpy.abs(a - n)
+        with numpy.errstate(divide="ignore", invalid="ignore"):
+            errs = numpy.where(difference == 0, 0.0, difference / allowed)
+        errs = numpy.where(numpy.isnan(errs), math.inf, errs)  # a NaN on either side fails
         self.errors[name] = float(errs.max())
         for k in numpy.argsort(errs)[::-1][:keep]:
             index = index_map[k] if index_map is not None else (int(k),)
-            self.worst.append(Worst(name, tuple(int(i) for i in index), float(a[k]), float(n[k]), float(errs[k])))
+            self.worst.append(Worst(name, tuple(int(i) for i in index), float(a[k]), float(n[k]), float(allowed[k])))
+
+
+def compare(analytic, numeric, atol, rtol, name="gradient") -> GradcheckResult:
+    """Apply the check's criterion |analytic - numeric| <= atol + rtol * |numeric| to two arrays."""
+    result = GradcheckResult(atol=float(atol), rtol=float(rtol))
+    result._add(name, analytic, numeric)
+    return result
+
+
+def _tolerances(eps, atol, rtol, tol, output, dy):
+    """The check's (atol, rtol): given values win; ``tol`` is the older name of ``rtol``."""
+    default_atol, default_rtol = default_tolerances(eps, numpy.float64, output, dy)
+    if rtol is None:
+        rtol = default_rtol if tol is None else tol
+    return (default_atol if atol is None else float(atol)), float(rtol)
 
 
 def _require_float64(*arrays, where="gradcheck"):
@@ -178,13 +260,15 @@ def _pick(rng, size, max_entries):
     return numpy.sort(rng.choice(size, max_entries, replace=False))
 
 
-def check_pair(forward, backward, inputs: dict, grad_names=None, kwargs=None, eps=1e-5, tol=1e-6, seed=0,
-               max_entries=None, raise_on_fail=False) -> GradcheckResult:
+def check_pair(forward, backward, inputs: dict, grad_names=None, kwargs=None, eps=1e-5, tol=None, seed=0,
+               max_entries=None, raise_on_fail=False, atol=None, rtol=None) -> GradcheckResult:
     """Check a functional pair: ``out, cache = forward(*inputs.values(), **kwargs)`` and
     ``grads = backward(dout, cache)`` (a tuple in the order of ``inputs``, or a single array).
 
     inputs: name -> float64 array (None entries are passed through and not checked).
     grad_names: which inputs to check (default: all non-None floating inputs).
+    atol, rtol: the tolerance |analytic - numeric| <= atol + rtol |numeric| (None: from eps and
+    float64, see :func:`default_tolerances`); ``tol`` is the older name of ``rtol``.
     """
     kwargs = kwargs or {}
     rng = _upstream_rng(seed)
@@ -203,9 +287,10 @@ def check_pair(forward, backward, inputs: dict, grad_names=None, kwargs=None, ep
     grads = backward(dout, cache)
     if not isinstance(grads, tuple):
         grads = (grads,)
-    result = GradcheckResult(tol=tol)
+    atol, rtol = _tolerances(eps, atol, rtol, tol, out, dout)
+    result = GradcheckResult(atol=atol, rtol=rtol)
     if rel_error(dout, dout_before) != 0.0:
-        result.errors["dout modified by backward"] = 1.0
+        result._flag("dout modified by backward")
     by_name = dict(zip(arrays.keys(), grads))
     for name in names:
         picked = _pick(rng, arrays[name].size, max_entries)
@@ -219,14 +304,27 @@ def _snapshot_buffers(module):
     return [(m, k, v.copy()) for m in module.modules() for k, v in m.buffers.items()]
 
 
-@contextlib.contextmanager
-def frozen_randomness(module, saved_buffers=None):
-    """Inside: every stochastic block reuses the gate its last forward drew; buffers are restored after.
+def _snapshot_gate_streams(module):
+    """(generator, state) for every distinct gate generator in ``module`` (blocks of a model share one)."""
+    streams = {}
+    for m in module.modules():
+        rng = getattr(m, "gate_rng", None)
+        if rng is not None and id(rng) not in streams:
+            streams[id(rng)] = (rng, rng.bit_generator.state)
+    return list(streams.values())
 
-    ``saved_buffers``: a snapshot taken earlier (before the forward that drew the gates), so that
-    forward's running-statistics update is undone too; by default, a snapshot taken on entry.
+
+@contextlib.contextmanager
+def frozen_randomness(module, saved_buffers=None, saved_streams=None):
+    """Inside: every stochastic block reuses the gate its last forward drew. After: the buffers
+    and the gate generators are as they were (the blocks' ``gate`` shows the gate the check used).
+
+    ``saved_buffers`` / ``saved_streams``: snapshots taken earlier (before the forward that drew
+    the gates), so that forward's running-statistics update and its draws are undone too; by
+    default, snapshots taken on entry.
     """
     saved_buffers = _snapshot_buffers(module) if saved_buffers is None else saved_buffers
+    saved_streams = _snapshot_gate_streams(module) if saved_streams is None else saved_streams
     gated = [m for m in module.modules() if hasattr(m, "force_gate")]
     previous = [m.forced_gate for m in gated]
     try:
@@ -235,23 +333,28 @@ def frozen_randomness(module, saved_buffers=None):
                 m.force_gate(m.gate)
         yield module
     finally:
-        for m, prev in zip(gated, previous):
-            m.force_gate(prev)
+        for m, forced in zip(gated, previous):
+            m.force_gate(forced)
         for m, k, v in saved_buffers:
             m.buffers[k][...] = v
+        for rng, state in saved_streams:
+            rng.bit_generator.state = state
 
 
 def _first_pass(module, x, seed, where):
-    """Shared start of the module checks: float64 guard, a private copy of x, a snapshot of the
-    buffers (restored when the check ends), one forward (which draws the gates that the check then
-    freezes) and the random upstream gradient dy."""
+    """Shared start of the module checks: float64 guard, a private copy of x, snapshots of the
+    buffers and gate generators (restored when the check ends), one forward (which draws the gates
+    that the check then freezes) and the random upstream gradient dy."""
     _require_float64(x, *module.parameters(), where=f"{where}({type(module).__name__})")
     rng = _upstream_rng(seed)
     x = _contiguous_copy(x)
-    saved_buffers = _snapshot_buffers(module)
+    saved = _snapshot_buffers(module), _snapshot_gate_streams(module)
     module.zero_grad()
     y = module(x)
-    return rng, x, _random_like(rng, y.shape, y), saved_buffers
+    dy = _random_like(rng, y.shape, y)
+    # L's scale for the default atol, taken now: a later forward may reuse y's buffer.
+    scale = numpy.array(backend.to_numpy(y), dtype=numpy.float64)
+    return rng, x, scale, dy, saved
 
 
 def _release_caches(module):
@@ -267,22 +370,24 @@ def _require_input_grad(dx, module, where, hint=""):
                          f"input_grad=False, as the trainer sets on the stem?); set input_grad = True {hint}".rstrip())
 
 
-def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_input=True,
-                 raise_on_fail=False) -> GradcheckResult:
+def check_module(module, x, eps=1e-5, tol=None, seed=0, max_entries=None, check_input=True,
+                 raise_on_fail=False, atol=None, rtol=None) -> GradcheckResult:
     """Element-wise check of a Module: its input gradient and every parameter gradient.
 
     The module and x must be float64. max_entries: check at most this many random entries per
-    array (None: all). The module's mode is used as it is (train or eval).
+    array (None: all). The module's mode is used as it is (train or eval). atol, rtol, tol: as
+    for :func:`check_pair`.
     """
-    rng, x, dy, saved_buffers = _first_pass(module, x, seed, "check_module")
+    rng, x, y, dy, (saved_buffers, saved_streams) = _first_pass(module, x, seed, "check_module")
     dy_before = _contiguous_copy(dy)
-    with frozen_randomness(module, saved_buffers):
+    with frozen_randomness(module, saved_buffers, saved_streams):
         dx = module.backward(dy)
         if check_input:
             _require_input_grad(dx, module, "check_module", "or pass check_input=False")
-        result = GradcheckResult(tol=tol)
+        atol, rtol = _tolerances(eps, atol, rtol, tol, y, dy)
+        result = GradcheckResult(atol=atol, rtol=rtol)
         if rel_error(dy, dy_before) != 0.0:
-            result.errors["dy modified by backward"] = 1.0
+            result._flag("dy modified by backward")
         run = lambda: module(x)  # noqa: E731
         targets = [("input", x, dx)] if check_input else []
         for name, module_of, key in module.parameter_slots():
@@ -298,15 +403,16 @@ def check_module(module, x, eps=1e-5, tol=1e-6, seed=0, max_entries=None, check_
     return result.raise_if_failed() if raise_on_fail else result
 
 
-def directional_check(module, x, eps=1e-5, tol=1e-6, seed=0, raise_on_fail=False) -> GradcheckResult:
+def directional_check(module, x, eps=1e-5, tol=None, seed=0, raise_on_fail=False, atol=None,
+                      rtol=None) -> GradcheckResult:
     """Check a whole network along one random unit direction v over the input and all parameters.
 
     numeric  = (L(θ + εv) - L(θ - εv)) / 2ε   (two forward passes)
     analytic = Σ grad · v                      (one backward pass)
     with L = sum(module(x) * dy) for a random dy. Returns a result with one entry, "direction".
     """
-    rng, x, dy, saved_buffers = _first_pass(module, x, seed, "directional_check")
-    with frozen_randomness(module, saved_buffers):
+    rng, x, y, dy, (saved_buffers, saved_streams) = _first_pass(module, x, seed, "directional_check")
+    with frozen_randomness(module, saved_buffers, saved_streams):
         dx = module.backward(dy)
         _require_input_grad(dx, module, "directional_check")
         arrays = [x] + [m.params[k] for _, m, k in module.parameter_slots()]
@@ -329,6 +435,7 @@ def directional_check(module, x, eps=1e-5, tol=1e-6, seed=0, raise_on_fail=False
 
         numeric = float(numpy.sum((output_at(eps) - output_at(-eps)) * dy_host)) / (2 * eps)
         _release_caches(module)
-    result = GradcheckResult(tol=tol)
+    atol, rtol = _tolerances(eps, atol, rtol, tol, y, dy)
+    result = GradcheckResult(atol=atol, rtol=rtol)
     result._add("direction", numpy.array([analytic]), numpy.array([numeric]))
     return result.raise_if_failed() if raise_on_fail else result

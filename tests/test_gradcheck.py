@@ -1,18 +1,23 @@
 """gradcheck.py checks itself: it must FAIL on planted bugs and pass on the real code.
 
 Planted bugs: a batch norm whose backward returns dx = 0, a transposed conv weight gradient, and a
-backward that writes into the dy it was given. Plus why the upstream gradient must be random: with
-an all-ones dy the numerical gradient of a batch norm is zero, so the dx = 0 bug would agree.
+backward that writes into the dy it was given. Correct backwards whose true gradient is near zero
+(a confident softmax, an input feature of 1e-9) must pass: the criterion is
+|analytic - numeric| <= atol + rtol |numeric|, not a relative error. Plus why the upstream gradient
+must be random: with an all-ones dy the numerical gradient of a batch norm is zero, so the dx = 0
+bug passes the library's own criterion, and a random dy catches it.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
 from helpers import assert_check, dev, host
-from minisd import backend, functional as F, layers, residual
-from minisd.gradcheck import (GradientCheckError, check_module, check_pair, directional_check,
-                              frozen_randomness, numerical_gradient, rel_error)
+from minisd import backend, functional as F, layers, models, residual
+from minisd.gradcheck import (GradientCheckError, check_module, check_pair, compare, default_tolerances,
+                              directional_check, frozen_randomness, numerical_gradient, rel_error)
 
 # Finite-difference checks verify the math, which lives in the reference tier (tests/test_kernels.py
 # holds the fast tier to it, with a few checks of its own).
@@ -60,6 +65,54 @@ def test_numerical_gradient_of_an_output_that_aliases_the_input(rng):
     np.testing.assert_allclose(numerical_gradient(lambda: x, x, dev(dy)), dy, rtol=1e-9)
 
 
+def test_default_tolerances_follow_from_eps_and_the_dtype():
+    u = np.finfo(np.float64).eps
+    atol, rtol = default_tolerances(1e-5)
+    assert rtol == pytest.approx(1e4 * (1e-10 + u / 1e-5))
+    assert atol == pytest.approx(1e4 * u / 1e-5)  # for L's terms of total size 1
+    # atol scales with the size of L = sum(y * dy): its rounding is what the quotient divides by eps
+    y, dy = np.array([2.0, -3.0]), np.array([0.5, 2.0])
+    assert default_tolerances(1e-5, output=y, dy=dy)[0] == pytest.approx(7.0 * atol)
+    # a larger step: more truncation error; a smaller one: more rounding; float32: far looser
+    assert default_tolerances(1e-3)[1] > rtol and default_tolerances(1e-8)[1] > rtol
+    assert default_tolerances(1e-5, np.float32)[1] > 1e3 * rtol
+
+
+def test_compare_is_atol_plus_rtol_times_numeric():
+    ok = compare(np.array([1.0 + 1e-7, 1e-12]), np.array([1.0, 0.0]), atol=1e-10, rtol=1e-6)
+    assert ok.passed and ok.errors["gradient"] == pytest.approx(max(1e-7 / (1e-10 + 1e-6), 1e-12 / 1e-10))
+    bad = compare(np.array([1.0 + 1e-5]), np.array([1.0]), atol=1e-10, rtol=1e-6)
+    assert not bad.passed and bad.errors["gradient"] == pytest.approx(1e-5 / (1e-10 + 1e-6), rel=1e-6)
+    assert not compare(np.array([np.nan]), np.array([1.0]), atol=1.0, rtol=1.0).passed
+
+
+def test_correct_backwards_with_near_zero_gradients_pass(rng):
+    """Finite-difference noise of ~1e-11 on an entry whose true gradient is ~0 has a relative error
+    of order 1; the checks must still pass (and did not with a pure relative error)."""
+    # softmax cross entropy with confident logits: most probabilities (and gradients) are ~1e-10
+    logits = dev(rng.standard_normal((6, 10)) * 8)
+    labels = dev(np.arange(6) % 10)
+    result = assert_check(check_pair(F.softmax_cross_entropy_forward, F.softmax_cross_entropy_backward,
+                                     {"logits": logits, "labels": labels}))
+    assert rel_error(*_analytic_and_numeric_ce(logits, labels)) > 1e-3  # the old criterion failed here
+    assert result.errors["logits"] < 0.1
+    # a linear layer whose first input feature is ~1e-9: that weight column's gradient is ~1e-9
+    backend.seed(2)
+    linear = layers.Linear(3, 2, dtype="float64")
+    x = rng.standard_normal((5, 3))
+    x[:, 0] *= 1e-9
+    assert_check(check_module(linear, dev(x)))
+
+
+def _analytic_and_numeric_ce(logits, labels):
+    dy = np.random.default_rng(0).standard_normal(())
+    _, cache = F.softmax_cross_entropy_forward(logits, labels)
+    analytic = host(F.softmax_cross_entropy_backward(dev(dy), cache)).ravel()
+    x = logits.copy()
+    numeric = numerical_gradient(lambda: F.softmax_cross_entropy_forward(x, labels)[0], x, dev(dy))
+    return analytic, numeric
+
+
 def test_checks_require_float64(rng):
     with pytest.raises(ValueError, match="float64"):
         check_module(layers.Linear(2, 2), dev(rng.standard_normal((3, 2)).astype("float32")))
@@ -96,7 +149,7 @@ def test_check_pair_fails_on_batchnorm_with_dx_zero(rng):
     bad = check_pair(F.batch_norm_forward, _bn_dx_zero_backward, inputs, grad_names=names, tol=TOL)
     assert not bad.passed
     assert bad.failed() == ["x"]  # gamma and beta are still right
-    assert bad.errors["x"] > 0.5
+    assert bad.errors["x"] > 1e3  # far outside the tolerance, not at its edge
 
 
 def test_check_module_fails_on_batchnorm_module_with_dx_zero(rng):
@@ -108,12 +161,15 @@ def test_check_module_fails_on_batchnorm_module_with_dx_zero(rng):
         check_module(BatchNormDxZero(2, dtype="float64"), x, tol=TOL, raise_on_fail=True)
     report = str(info.value)
     assert "FAILED" in report and "FAIL input" in report and "worst entries" in report
+    worst = [line for line in report.splitlines() if line.startswith("    input (")]
+    assert len(worst) == 3  # the three worst entries of the input gradient, with where they are
 
 
 def test_why_the_upstream_gradient_must_be_random(rng):
     """With dy = ones, L = sum(BN(x)) = gamma * sum(x_hat) + M * beta does not depend on x: the
-    numerical gradient is zero (rounding noise), so a backward returning dx = 0 agrees with it.
-    With a random dy the numerical gradient is O(1) and the same bug is caught."""
+    numerical gradient is zero (rounding noise), so under the checker's own criterion a backward
+    returning dx = 0 passes, exactly as the correct one does. With a random dy the numerical
+    gradient is O(1) and the same bug fails while the correct backward passes."""
     inputs = _bn_inputs(rng)
     x = inputs["x"].copy()
 
@@ -121,22 +177,19 @@ def test_why_the_upstream_gradient_must_be_random(rng):
         out, _ = F.batch_norm_forward(x, inputs["gamma"], inputs["beta"], None, None, True)
         return out
 
-    ones = dev(np.ones(x.shape))
-    numeric_ones = numerical_gradient(run, x, ones)
-    _, cache = F.batch_norm_forward(x, inputs["gamma"], inputs["beta"], None, None, True)
-    buggy_dx = host(_bn_dx_zero_backward(ones, cache)[0]).ravel()
-    # the all-ones check cannot tell the bug apart: both sides are zero to rounding
-    np.testing.assert_allclose(buggy_dx, numeric_ones, atol=1e-8)
-    assert np.max(np.abs(numeric_ones)) < 1e-8
-
-    dy = dev(np.random.default_rng(7).standard_normal(x.shape))
-    numeric_random = numerical_gradient(run, x, dy)
-    _, cache = F.batch_norm_forward(x, inputs["gamma"], inputs["beta"], None, None, True)
-    true_dx = host(F.batch_norm_backward(dy, cache)[0]).ravel()
-    buggy_dx = host(_bn_dx_zero_backward(dy, cache)[0]).ravel()
-    assert np.max(np.abs(numeric_random)) > 0.1
-    assert rel_error(true_dx, numeric_random) < TOL
-    assert rel_error(buggy_dx, numeric_random) == pytest.approx(1.0)
+    verdicts = {}
+    for name, dy in (("ones", dev(np.ones(x.shape))), ("random", dev(np.random.default_rng(7).standard_normal(x.shape)))):
+        numeric = numerical_gradient(run, x, dy)
+        y, cache = F.batch_norm_forward(x, inputs["gamma"], inputs["beta"], None, None, True)
+        atol, rtol = default_tolerances(1e-5, output=y, dy=dy)  # what check_pair would use
+        true_dx = host(F.batch_norm_backward(dy, cache)[0]).ravel()
+        buggy_dx = host(_bn_dx_zero_backward(dy, cache)[0]).ravel()
+        verdicts[name] = (compare(true_dx, numeric, atol, rtol).passed, compare(buggy_dx, numeric, atol, rtol).passed,
+                          float(np.max(np.abs(numeric))))
+    assert verdicts["ones"][:2] == (True, True)        # blind: the bug passes too
+    assert verdicts["ones"][2] < 1e-8                   # because the numerical gradient is ~0
+    assert verdicts["random"][:2] == (True, False)     # a random dy catches the bug
+    assert verdicts["random"][2] > 0.1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,8 +269,8 @@ def test_check_pair_flags_a_backward_that_writes_into_dout(rng):
     x = dev(rng.standard_normal((3, 4)) + 0.05)
     assert_check(check_pair(F.relu_forward, F.relu_backward, {"x": x}, tol=TOL))
     bad = check_pair(F.relu_forward, _relu_in_place_backward, {"x": x}, tol=TOL)
-    assert "dout modified by backward" in bad.failed()
-    assert bad.errors["x"] < TOL  # its gradient values are right: only the write gives it away
+    assert bad.failed() == ["dout modified by backward"]  # its gradient values are right: only the write gives it away
+    assert math.isinf(bad.errors["dout modified by backward"]) and bad.errors["x"] <= 1.0
 
 
 def test_check_module_flags_a_module_that_writes_into_dy(rng):
@@ -249,8 +302,8 @@ def test_writing_into_dy_corrupts_the_shortcut_gradient_at_a_residual_join(rng):
 def test_result_report_and_raise(rng):
     x = dev(rng.standard_normal((3, 2, 3, 3)))
     ok = check_module(layers.BatchNorm2d(2, dtype="float64"), x, tol=TOL)
-    assert ok.passed and ok.max_error < TOL and ok.failed() == []
-    assert ok.report().startswith("gradient check passed")
+    assert ok.passed and ok.max_error <= 1.0 and ok.failed() == [] and ok.rtol == TOL
+    assert ok.report().startswith("gradient check passed (worst entry at")
     assert ok.raise_if_failed() is ok
     assert set(ok.errors) == {"input", "weight", "bias"}
 
@@ -308,6 +361,25 @@ def test_check_module_on_an_unforced_stochastic_block_freezes_its_gate(rng):
         assert block.forced_gate is None
     assert seen == {True, False}
 
+
+def test_a_check_in_the_middle_of_training_leaves_the_gate_stream_alone(rng):
+    """A check draws gates with its first forward; afterwards the gate generator is restored as the
+    buffers are, so training goes on with the gates it would have drawn without the check."""
+    def model():
+        return models.resnet_cifar(depth=8, in_channels=1, schedule="uniform", final_survival=0.5, seed=3,
+                                   dtype="float64")
+
+    x = dev(rng.standard_normal((2, 1, 8, 8)))
+    plain, checked = model(), model()
+    plain(x)
+    checked(x)
+    for check in (directional_check, check_module):
+        kwargs = {"max_entries": 1} if check is check_module else {}
+        assert_check(check(checked, x, **kwargs))
+    gates_plain = [(plain(x), plain.gates())[1] for _ in range(8)]
+    gates_checked = [(checked(x), checked.gates())[1] for _ in range(8)]
+    assert gates_checked == gates_plain
+    assert len({tuple(g) for g in gates_plain}) > 1  # the gates do vary from step to step
 
 
 def test_checks_name_a_layer_that_returns_no_input_gradient(rng):

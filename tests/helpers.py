@@ -35,6 +35,19 @@ def away_from_zero(a, margin=0.1):
     return np.where(a >= 0, a + margin, a - margin)
 
 
+def randomise_batch_norm(module, rng):
+    """Give every BatchNorm2d in ``module`` random gamma (magnitude 0.5 to 1.5, either sign) and
+    beta, so a gradient check does not run at the special point gamma = 1, beta = 0."""
+    from minisd import layers  # noqa: PLC0415
+
+    for m in module.modules():
+        if isinstance(m, layers.BatchNorm2d):
+            c = m.num_features
+            m.params["weight"][...] = dev(rng.uniform(0.5, 1.5, c) * rng.choice([-1.0, 1.0], c))
+            m.params["bias"][...] = dev(rng.normal(0.0, 0.5, c))
+    return module
+
+
 def pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 

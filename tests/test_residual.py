@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_check, count_calls, dev, host
+from helpers import assert_check, count_calls, dev, host, randomise_batch_norm
 from minisd import backend, layers, residual
 from minisd.gradcheck import check_module
 from minisd.residual import BasicBlock, SubsampleZeroPad
@@ -62,9 +62,9 @@ GATES = {
 @pytest.mark.parametrize("scale", ["eval", "train"])
 @pytest.mark.parametrize("mode,gate", list(GATES), ids=[f"{m}-{g}" for m, g in GATES])
 def test_block_gradcheck_with_forced_gate(rng, kind, scale, mode, gate):
-    block = _block(kind, p=0.5, mode=mode, scale=scale)
+    block = randomise_batch_norm(_block(kind, p=0.5, mode=mode, scale=scale), rng)
     block.force_gate(GATES[(mode, gate)])
-    result = assert_check(check_module(block, _x(rng, kind), tol=TOL, max_entries=12))
+    result = assert_check(check_module(block, _x(rng, kind), tol=TOL))  # every entry
     expected = {"input"} | {n for n, _ in block.named_parameters()}
     assert set(result.errors) == expected
     if gate == "off":
@@ -76,17 +76,19 @@ def test_block_gradcheck_with_forced_gate(rng, kind, scale, mode, gate):
 @pytest.mark.parametrize("scale", ["eval", "train"])
 @pytest.mark.parametrize("mode", ["batch", "row"])
 def test_block_gradcheck_in_eval_mode(rng, kind, scale, mode):
-    block = _block(kind, p=0.7, mode=mode, scale=scale)
+    block = randomise_batch_norm(_block(kind, p=0.7, mode=mode, scale=scale), rng)
     for bn in (m for m in block.modules() if isinstance(m, layers.BatchNorm2d)):
         bn.buffers["running_mean"][...] = dev(rng.standard_normal(bn.num_features) * 0.1)
         bn.buffers["running_var"][...] = dev(rng.uniform(0.5, 2.0, bn.num_features))
     block.eval()
-    assert_check(check_module(block, _x(rng, kind), tol=TOL, max_entries=12))
+    assert_check(check_module(block, _x(rng, kind), tol=TOL))  # every entry
 
 
 def test_block_gradcheck_with_unforced_gates_row_mode(rng):
-    block = _block("identity", p=0.5, mode="row", scale="train")
-    assert_check(check_module(block, _x(rng, "identity", n=4), tol=TOL, max_entries=10))
+    # (seed 1: with seed 0 a pre-ReLU value lies 3e-5 from the kink, where a central difference of
+    # step 1e-5 straddles it and no backward could agree)
+    block = randomise_batch_norm(_block("identity", p=0.5, mode="row", scale="train", seed=1), rng)
+    assert_check(check_module(block, _x(rng, "identity", n=4), tol=TOL))  # every entry
     assert block.forced_gate is None
 
 

@@ -11,10 +11,11 @@ Selecting a backend::
     backend.xp()                   # -> the cupy module
     backend.array_module(x)        # -> numpy or cupy, whichever owns x
 
-Random numbers: :func:`seed` seeds a host generator (NumPy's PCG64) used for weight
-initialisation and stochastic-depth gates, so the same seed gives the same weights and the same gates
-on both backends, and a device generator (:func:`device_rng`) for user code that wants random
-numbers on the device. (Data augmentation derives its own generators per epoch from the run's
+Random numbers: :func:`seed` seeds a host generator (NumPy's PCG64) that layers and blocks built
+without a generator of their own use for weight initialisation and stochastic-depth gates, so the
+same seed gives the same weights and the same gates on both backends, and a device generator
+(:func:`device_rng`) for user code that wants random numbers on the device. (``resnet_cifar`` takes
+its own ``seed``, which fixes the whole model.) (Data augmentation derives its own generators per epoch from the run's
 seed, so that a resumed run draws exactly what an uninterrupted one drew: see ``minisd.data``.)
 """
 from __future__ import annotations
@@ -196,9 +197,15 @@ def resolve_dtype(dtype) -> numpy.dtype:
 
 
 def seed(value: int) -> None:
-    """Seed the host generator and (lazily) the device generator, for reproducible runs."""
+    """Seed the host generator and (lazily) the device generator, for reproducible runs.
+
+    The host generator is reseeded in place, so everything that draws from it follows, including
+    layers and blocks built before this call (a BasicBlock built without ``gate_rng`` keeps a
+    reference to it for its gates). ``models.resnet_cifar`` does not use it: its ``seed`` argument
+    fixes its weights and its gate stream.
+    """
     _state["seed"] = int(value)
-    _state["host_rng"] = numpy.random.default_rng(int(value))
+    _state["host_rng"].bit_generator.state = numpy.random.default_rng(int(value)).bit_generator.state
     _state["device_rng"] = None
 
 

@@ -7,12 +7,14 @@ across backends) are covered in test_gpu.py.
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
 
 from helpers import dev, host
-from minisd import backend, layers
+from minisd import backend, layers, residual
 
 
 def test_selected_backend_follows_the_environment():
@@ -109,8 +111,42 @@ def test_layers_are_created_on_the_current_backend():
             assert backend.backend_of(value) == ("cupy" if backend.name() == "cupy" else "numpy")
 
 
-def test_synchronize_is_safe_to_call():
-    backend.synchronize()
+def test_seed_also_restarts_blocks_built_before_it():
+    """A block built without its own generator draws its gates from the backend's: seeding again
+    must repeat its gates, not leave it on a generator that seed() replaced."""
+    block = residual.BasicBlock(2, 2, survival_prob=0.5, dtype="float64")
+    x = dev(np.ones((2, 2, 3, 3)))
+
+    def gates():
+        return [(block(x), block.gate)[1] for _ in range(12)]
+
+    backend.seed(5)
+    first = gates()
+    backend.seed(5)
+    assert gates() == first
+    assert len(set(first)) == 2  # the gates vary: the comparison means something
+
+
+def test_synchronize_waits_for_the_gpu_and_touches_nothing_elsewhere(monkeypatch):
+    if backend.name() == "cupy":
+        cupy = backend.xp()
+        a = cupy.ones((1024, 1024), dtype=cupy.float32)
+        for _ in range(8):
+            a = a @ a * cupy.float32(1e-3)
+        backend.synchronize()
+        assert cupy.cuda.get_current_stream().done  # everything queued has finished
+        return
+    touched = []
+
+    def record(name):
+        touched.append(name)
+        raise AttributeError(name)
+
+    loaded = types.ModuleType("cupy")  # as if CuPy were imported but not the backend in use
+    loaded.__getattr__ = record
+    monkeypatch.setitem(sys.modules, "cupy", loaded)
+    assert backend.synchronize() is None
+    assert touched == []  # on NumPy it never reaches into CuPy (no device, no CUDA call)
 
 
 def test_backend_unavailable_is_a_runtime_error():

@@ -43,6 +43,7 @@ __all__ = [
     "read_cifar_binary",
     "read_cifar_python",
     "RestrictedUnpickler",
+    "check_labels",
     "augment",
     "epoch_generators",
     "batches",
@@ -200,6 +201,13 @@ def _safe_frombuffer(buffer, dtype, shape, order):
     return numpy.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()
 
 
+def _safe_empty_bytes(*args):
+    """``bytes()``: how a protocol-2 pickle writes an empty bytes object (b""), and only that."""
+    if args:
+        raise RefusedPickle("refusing bytes(...) with arguments in a CIFAR-10 pickle (only b'' is written that way)")
+    return b""
+
+
 def _safe_codecs_encode(text, encoding="utf-8"):
     """``_codecs.encode``: Python 3 writes bytes this way in protocol-2 pickles."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -224,6 +232,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
         ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
         ("_codecs", "encode"): _safe_codecs_encode,
+        ("__builtin__", "bytes"): _safe_empty_bytes,  # protocol 2 writes b"" as bytes()
+        ("builtins", "bytes"): _safe_empty_bytes,
     }
 
     def find_class(self, module, name):
@@ -258,13 +268,30 @@ def read_cifar_python(path) -> tuple[numpy.ndarray, numpy.ndarray]:
     labels = batch.get(b"labels", batch.get("labels"))
     if not isinstance(data, numpy.ndarray) or data.dtype != numpy.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"CIFAR-10 file {path} is corrupted: expected 'data' as a uint8 array of shape (N, 3072)")
-    try:
-        labels = numpy.asarray(labels, dtype=numpy.int64)
-    except (TypeError, ValueError):
-        raise DataError(f"CIFAR-10 file {path} is corrupted: 'labels' is not a list of integers") from None
-    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
-        raise DataError(f"CIFAR-10 file {path} is corrupted: expected {data.shape[0]} labels in 0..9")
-    return data.reshape(-1, 3, 32, 32).copy(), labels
+    return data.reshape(-1, 3, 32, 32).copy(), _pickled_labels(labels, data.shape[0], path)
+
+
+def _pickled_labels(labels, count: int, path) -> numpy.ndarray:
+    """The 'labels' entry as int64, if it is ``count`` whole numbers in 0..9 (a list of ints, as the
+    official files hold, or an integer array). Floats, strings and huge ints are refused, not converted."""
+    problem = f"CIFAR-10 file {path} is corrupted: expected 'labels' to be {count} whole numbers in 0..9"
+    if isinstance(labels, numpy.ndarray):
+        if labels.dtype.kind not in "iu" or labels.shape != (count,):
+            raise DataError(f"{problem}, got an array of {labels.dtype} with shape {labels.shape}")
+        values = labels
+    elif isinstance(labels, (list, tuple)):
+        odd = next((v for v in labels if type(v) is not int), None)  # bool is no label either
+        if odd is not None:
+            raise DataError(f"{problem}, got a {type(odd).__name__} ({odd!r:.40})")
+        if len(labels) != count:
+            raise DataError(f"{problem}, got {len(labels)}")
+        values = labels
+    else:
+        raise DataError(f"{problem}, got {type(labels).__name__}")
+    bad = next((int(v) for v in values if not 0 <= v <= 9), None)
+    if bad is not None:
+        raise DataError(f"CIFAR-10 file {path} is corrupted: label {bad} is not in 0..9")
+    return numpy.asarray(values, dtype=numpy.int64)
 
 
 def _find_cifar_folder(data_dir) -> tuple[str, str]:
@@ -293,9 +320,23 @@ def _read_cifar_files(folder: str, fmt: str):
         if not os.path.exists(path):
             raise DataError(f"CIFAR-10 file missing: {path}")
         parts.append(reader(path))
+    _check_same_counts(folder, [name + suffix for name in CIFAR_TRAIN_FILES + (CIFAR_TEST_FILE,)],
+                       [len(p[1]) for p in parts])
     train_x = numpy.concatenate([p[0] for p in parts[:-1]])
     train_y = numpy.concatenate([p[1] for p in parts[:-1]])
     return train_x, train_y, parts[-1][0], parts[-1][1]
+
+
+def _check_same_counts(folder, names, counts) -> None:
+    """Every CIFAR-10 file holds the same number of images (10,000 in the official archives): a
+    file with fewer was cut, even where the cut fell on a record boundary."""
+    if len(set(counts)) <= 1:
+        return
+    usual = max(set(counts), key=counts.count)
+    odd = [(n, c) for n, c in zip(names, counts) if c != usual]
+    listed = ", ".join(f"{n} holds {c}" for n, c in odd)
+    raise DataError(f"CIFAR-10 files in {folder} are truncated or mixed: {listed} images, the others {usual} each "
+                    "(the official files hold 10,000 each)")
 
 
 def load_cifar10(data_dir, val_size: int = 5000, split_seed: int = 0) -> Dataset:
@@ -305,12 +346,28 @@ def load_cifar10(data_dir, val_size: int = 5000, split_seed: int = 0) -> Dataset
     train_x, train_y, test_x, test_y = _read_cifar_files(folder, fmt)
     n = len(train_y)
     if not 0 <= val_size < n:
-        raise DataError(f"cannot hold out {val_size} validation images from {n} CIFAR-10 training images")
+        raise DataError(f"cannot hold out {val_size} validation images from {n} CIFAR-10 training images "
+                        "(choose a smaller --val-size)")
     order = numpy.random.default_rng(split_seed).permutation(n)
     tr, va = order[val_size:], order[:val_size]
     (xtr, xva, xte), mean, std = _normalise(train_x[tr], train_x[va], test_x)
     return Dataset("cifar10", Split(xtr, train_y[tr]), Split(xva, train_y[va]), Split(xte, test_y),
                    num_classes=10, in_channels=3, image_size=32, translate=4, flip=True, mean=mean, std=std)
+
+
+def check_labels(dataset: Dataset) -> None:
+    """DataError unless every split's labels are integers in [0, num_classes).
+
+    Done once per dataset, on the host, before training: the loss checks labels only on the host,
+    because on the GPU reading them back would stall every step.
+    """
+    for name in ("train", "val", "test"):
+        labels = numpy.asarray(backend.to_numpy(getattr(dataset, name).y))
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{dataset.name} {name} labels must be integers, got dtype {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() >= dataset.num_classes):
+            raise DataError(f"{dataset.name} {name} labels must lie in [0, {dataset.num_classes}), got values from "
+                            f"{int(labels.min())} to {int(labels.max())}")
 
 
 def load(name: str, data_dir=None, val_size: int | None = None) -> Dataset:
@@ -357,10 +414,12 @@ def augment(x, rng, translate: int = 4, flip: bool = True, draws=None):
     """
     xp = backend.array_module(x)
     n, c, h, w = x.shape
+    t = int(translate)
+    if not 0 <= t < min(h, w):
+        raise ValueError(f"augment: translate must be in [0, {min(h, w)}) pixels for {h}x{w} images, got {translate}")
     u = _draw_augmentation(rng, n) if draws is None else draws
     if translate == 0 and not flip:
         return x
-    t = int(translate)
     shifts = xp.floor(u[:, :2] * (2 * t + 1)).astype(xp.int64)  # 0..2t: offset into the padded image
     padded = xp.zeros((n, c, h + 2 * t, w + 2 * t), dtype=x.dtype)
     padded[:, :, t:t + h, t:t + w] = x

@@ -17,11 +17,13 @@ def fake_cifar_arrays(count, seed):
     return images, labels
 
 
-def write_fake_cifar(root, fmt="bin", per_batch=4, test_count=3, seed=0, protocol=2):
-    """Write CIFAR-10 files in the official layout (5 training batches + test batch) under root.
+def write_fake_cifar(root, fmt="bin", per_batch=4, test_count=None, seed=0, protocol=2):
+    """Write CIFAR-10 files in the official layout (5 training batches + test batch) under root,
+    each holding ``per_batch`` images (as the official files hold 10,000 each).
 
     Returns (folder, train_images, train_labels, test_images, test_labels) as uint8/int64 arrays.
     """
+    test_count = per_batch if test_count is None else test_count
     folder = os.path.join(root, "cifar-10-batches-bin" if fmt == "bin" else "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     parts = []
@@ -105,9 +107,9 @@ def test_cifar_python_reader_round_trip(tmp_path, protocol):
 
 @pytest.mark.parametrize("fmt", ["bin", "py"])
 def test_load_cifar10_split_and_normalisation(tmp_path, fmt):
-    _, train_x, train_y, test_x, test_y = write_fake_cifar(tmp_path, fmt, per_batch=4, test_count=3)
+    _, train_x, train_y, test_x, test_y = write_fake_cifar(tmp_path, fmt, per_batch=4)
     ds = data.load_cifar10(tmp_path, val_size=5)
-    assert (len(ds.train), len(ds.val), len(ds.test)) == (15, 5, 3)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (15, 5, 4)
     assert ds.train.x.shape == (15, 3, 32, 32) and ds.train.x.dtype == np.float32
     assert (ds.in_channels, ds.image_size, ds.flip, ds.translate) == (3, 32, True, 4)
     np.testing.assert_allclose(ds.train.x.mean(axis=0), 0, atol=1e-4)
@@ -160,6 +162,54 @@ def test_truncated_and_corrupted_python_files(tmp_path):
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, handle)
     with pytest.raises(data.DataError, match=r"shape \(N, 3072\)"):
         data.load_cifar10(tmp_path, val_size=2)
+
+
+def test_binary_file_cut_on_a_record_boundary_is_reported(tmp_path):
+    """Whole records but fewer of them: no byte count gives it away, the other files' counts do."""
+    folder, *_ = write_fake_cifar(tmp_path, "bin", per_batch=3)
+    path = os.path.join(folder, "data_batch_3.bin")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: 2 * data.CIFAR_RECORD])
+    with pytest.raises(data.DataError, match=r"truncated.*data_batch_3.bin holds 2 images, the others 3 each"):
+        data.load_cifar10(tmp_path, val_size=2)
+
+
+@pytest.mark.parametrize("label, problem", [
+    (2 ** 70, "label 1180591620717411303424 is not in 0..9"),
+    (3.0, "got a float"),
+    ("3", "got a str"),
+    (True, "got a bool"),
+    (-1, "label -1 is not in 0..9"),
+])
+def test_python_reader_refuses_labels_that_are_not_small_whole_numbers(tmp_path, label, problem):
+    """Floats and strings are refused, not converted; a huge int is a one-line DataError, not an OverflowError."""
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as handle:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, label]}, handle, protocol=2)
+    with pytest.raises(data.DataError, match=f"data_batch_1 is corrupted.*{problem}"):
+        data.read_cifar_python(path)
+
+
+def test_protocol_2_pickle_with_empty_bytes_loads(tmp_path):
+    """Protocol 2 writes b"" as a call of bytes(): an ordinary value, admitted (bytes with an argument is not)."""
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as handle:
+        pickle.dump({b"batch_label": b"", b"data": np.zeros((1, 3072), np.uint8), b"labels": [7]}, handle, protocol=2)
+    images, labels = data.read_cifar_python(path)
+    assert images.shape == (1, 3, 32, 32) and labels.tolist() == [7]
+    crafted = (b"\x80\x02c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85R.")  # bytes(2**30): a memory bomb
+    path.write_bytes(crafted)
+    with pytest.raises(data.DataError, match=r"refusing bytes\(\.\.\.\) with arguments"):
+        data.read_cifar_python(path)
+
+
+def test_check_labels_refuses_labels_outside_the_classes():
+    ds = data.load_digits()
+    data.check_labels(ds)
+    y = ds.test.y.copy()
+    y[3] = 10
+    with pytest.raises(data.DataError, match=r"digits test labels must lie in \[0, 10\), got values from 0 to 10"):
+        data.check_labels(data.replace(ds, test=data.Split(ds.test.x, y)))
 
 
 class _CallsSomething:
@@ -255,6 +305,12 @@ def test_augment_translation_zero_fill_and_flip_exactly(rng):
     expected1[:, :-t, :] = xh[1][:, t:, :]
     np.testing.assert_array_equal(out[1], expected1)
     np.testing.assert_array_equal(out[2], xh[2][:, :, ::-1])  # no shift, flipped
+
+
+def test_augment_refuses_a_shift_of_a_whole_image(rng):
+    x = _images(rng)
+    with pytest.raises(ValueError, match=r"augment: translate must be in \[0, 5\) pixels for 5x7 images, got 100000"):
+        data.augment(x, np.random.default_rng(0), translate=100000)
 
 
 def test_augment_identity_without_translation_or_flip(rng):

@@ -7,13 +7,15 @@
     minisd gradcheck                      finite-difference check of a small network with dropped blocks
     minisd bench ...                      timings (see minisd/bench.py)
 
-Errors the user can fix (missing data, a corrupted file, a bad option, no GPU) print one line to
-stderr and exit with status 1 (2 for a bad command line), without a traceback.
+Errors the user can fix (missing data, a corrupted file, a bad option or environment variable,
+no GPU, a run folder in use) print one line to stderr and exit with status 1 (2 for a bad command
+line), without a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from minisd import backend, models
@@ -21,11 +23,15 @@ from minisd import backend, models
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+def _usage_error(parser, message):
+    parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (not the usage block plus the error)."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        _usage_error(self, message)
 
 
 def _number(convert, low, high, expected):
@@ -45,6 +51,7 @@ def _number(convert, low, high, expected):
 
 _positive_int = _number(int, 1, float("inf"), "a whole number >= 1")
 _seed = _number(int, 0, float("inf"), "a whole number >= 0")
+_count = _number(int, 0, float("inf"), "a whole number >= 0")
 _probability = _number(float, 0.0, 1.0, "a number in [0, 1]")
 
 
@@ -83,17 +90,21 @@ def _add_train(sub):
                    "or divide kept branches by p_l in training (train)")
     p.add_argument("--epochs", type=_positive_int, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=_positive_int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr}), divided by 10 at 50%% and 75%% "
-                   "of the epochs")
-    p.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), help=f"default {d.lr_schedule}")
+    p.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr}); what happens to it next is "
+                   "--lr-schedule's")
+    p.add_argument("--lr-schedule", choices=("step", "cosine", "constant"),
+                   help=f"step: divide the learning rate by 10 at 50%% and 75%% of the epochs (the paper); cosine: "
+                        f"anneal it to 0; constant: keep it (default {d.lr_schedule})")
     p.add_argument("--skip-unused", action="store_true", default=None,
                    help="leave the parameters of dropped branches untouched (no weight decay or momentum "
                         "step for them)")
-    p.add_argument("--translate", type=int, help="augmentation: random shift up to this many pixels "
-                   "(default: 1 for digits, 4 for cifar10)")
+    p.add_argument("--translate", type=_count, help="augmentation: random shift up to this many pixels, less than "
+                   "the image size (default: 1 for digits, 4 for cifar10)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="augmentation: random horizontal flips (default: off for digits, on for cifar10)")
     p.add_argument("--train-subset", type=_positive_int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--val-size", type=_count, metavar="N", help="hold out N training images for validation "
+                   "(default: 180 for digits, 5000 for cifar10, the paper's 45k/5k split)")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy, or $MINISD_BACKEND)")
     p.add_argument("--seed", type=_seed, help=f"default {d.seed}")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-resnet<depth>-<schedule>-seed<seed>)")
@@ -175,6 +186,27 @@ def _cmd_gradcheck(args) -> int:
     return 0 if result.passed else EXIT_ERROR
 
 
+def _check_bench_arguments(bench, argv) -> None:
+    """Parse ``minisd bench``'s arguments with its own parser, but with one-line errors, and check
+    the values it takes on trust (before any model is built or timed)."""
+    parser = bench.build_parser()
+    parser.error = lambda message: _usage_error(parser, message)
+    args = parser.parse_args(argv)
+
+    def check(option, convert, values):
+        for value in values:
+            try:
+                convert(str(value))
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"argument {option}: {exc}")
+
+    check("--depths", _depth, args.depths)
+    check("--steps", _positive_int, [args.steps])
+    check("--batch-size", _positive_int, [args.batch_size])
+    check("--threads", _positive_int, [args.threads])
+    check("--final-survival", _probability, [args.final_survival])
+
+
 def _cmd_bench(argv) -> int:
     import importlib  # noqa: PLC0415
 
@@ -184,7 +216,29 @@ def _cmd_bench(argv) -> int:
         if exc.name == "minisd.bench":
             return _error("the benchmarks (minisd/bench.py) are not part of this installation")
         raise
+    _check_bench_arguments(bench, argv)
+    problem = _environment_problem(None)
+    if problem:
+        return _error(problem)
     return int(bench.main(argv) or 0)
+
+
+def _environment_problem(backend_option) -> str | None:
+    """One line about a bad MINISD_NUM_THREADS or MINISD_BACKEND (None if both are fine).
+
+    A --backend option replaces MINISD_BACKEND, even one that names no backend.
+    """
+    threads = os.environ.get("MINISD_NUM_THREADS", "").strip()
+    if threads and not (threads.isdigit() and int(threads) >= 1):
+        return f"MINISD_NUM_THREADS must be a whole number >= 1 (threads for CPU convolutions), got {threads!r}"
+    try:
+        if backend_option:
+            backend.use(backend_option)
+        else:
+            backend.name()  # raises what MINISD_BACKEND asked for and could not get
+    except (ValueError, backend.BackendUnavailable) as exc:
+        return str(exc)
+    return None
 
 
 def main(argv=None) -> int:
@@ -199,6 +253,9 @@ def main(argv=None) -> int:
     from minisd import data, train  # noqa: PLC0415
 
     try:
+        problem = _environment_problem(getattr(args, "backend", None))
+        if problem:
+            return _error(problem)
         if args.command == "train":
             return _cmd_train(args, parser)
         if args.command == "evaluate":
@@ -216,6 +273,8 @@ def main(argv=None) -> int:
         return _error(exc)
     except OSError as exc:
         return _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc)
+    except MemoryError:
+        return _error("out of memory; try a smaller --batch-size (or a smaller model)")
     return 0
 
 

@@ -339,17 +339,23 @@ def softmax_cross_entropy_forward(logits, labels):
     if labels.dtype.kind not in "iu":
         raise ValueError(f"softmax_cross_entropy: expected integer labels, got dtype {labels.dtype}")
     num_classes = logits.shape[1]
-    # One device-to-host read of two numbers on CuPy; a label of -1 would otherwise silently
-    # index the last class.
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    # A label of -1 would silently index the last class. Host labels are checked here (free); on
+    # the GPU a check that raises must read the labels back, a stall in every step, so there an
+    # out-of-range label makes the loss NaN instead (the trainer stops on it, and it checks a
+    # dataset's labels once, on the host, before training).
+    on_device = is_device_array(labels)
+    if not on_device and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"softmax_cross_entropy: expected labels in [0, {num_classes}), got values from "
-                         f"{int(labels.min())} to {int(labels.max())}")
+                         f"{labels.min()} to {labels.max()}")
     n = logits.shape[0]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_sum = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
     log_probs = shifted - log_sum
     rows = xp.arange(n)
     loss = -log_probs[rows, labels].mean()
+    if on_device:
+        outside = ((labels < 0) | (labels >= num_classes)).any()
+        loss = xp.where(outside, xp.asarray(xp.nan, dtype=loss.dtype), loss)
     return loss, (xp.exp(log_probs), labels)
 
 

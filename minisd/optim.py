@@ -117,8 +117,14 @@ class SGD:
 
 
 def step_lr(base_lr: float, epoch: int, total_epochs: int, milestones=(0.5, 0.75), gamma: float = 0.1) -> float:
-    """The paper's schedule: base_lr, divided by 10 from epoch floor(0.5 E) and again from floor(0.75 E)."""
-    drops = sum(1 for m in milestones if epoch >= int(m * total_epochs))
+    """The paper's schedule: base_lr, divided by 10 from epoch floor(0.5 E) and again from floor(0.75 E).
+
+    The k-th drop (k = 1, 2) starts no earlier than epoch k, so the first epoch always runs at
+    base_lr and short runs do not skip a rate: 1 epoch [lr], 2 epochs [lr, lr/10], 3 epochs
+    [lr, lr/10, lr/100]; from 4 epochs on the floors are already far enough apart (500: 250, 375).
+    """
+    starts = [max(int(m * total_epochs), k) for k, m in enumerate(sorted(milestones), start=1)]
+    drops = sum(1 for start in starts if epoch >= start)
     return float(base_lr) * gamma ** drops
 
 

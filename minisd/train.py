@@ -12,31 +12,44 @@ A run folder holds::
     best.npz           checkpoint of the epoch with the best validation accuracy
     curves.png         training curves
     summary.json       test accuracy of the best checkpoint, written at the end
+    .lock              held (flock) by the run that uses the folder; the kernel releases it when
+                       that process ends, however it ends, so a crashed run never blocks the folder
 
 Checkpoints are ``.npz`` files written to a temporary file and renamed (a crash while saving
-leaves the previous checkpoint intact). They hold plain arrays only, loaded with
-``allow_pickle=False``: ``model.<name>`` (parameters and buffers), ``optim.<name>`` (momentum
-buffers) and ``meta``, one JSON string with the settings, the position (epoch and step), the
-history, the optimizer's hyperparameters and the generator states (the model's gate generator and
-the backend's host generator; the shuffle and augmentation generators are derived from
-(seed, epoch), see :func:`minisd.data.epoch_generators`, so the position is their state).
+leaves the previous checkpoint intact; the next run in the folder removes the partial file). They
+hold plain, finite arrays only, loaded with ``allow_pickle=False``: ``model.<name>`` (parameters
+and buffers), ``optim.<name>`` (momentum buffers) and ``meta``, one JSON string with the settings,
+the position (epoch and step), the history, the optimizer's hyperparameters and the generator
+states (the model's gate generator and the backend's host generator; the shuffle and augmentation
+generators are derived from (seed, epoch), see :func:`minisd.data.epoch_generators`, so the
+position is their state). A checkpoint is never written with a NaN or infinite value: weights that
+stop being finite end the run, and the last finite checkpoint stays as it was.
 
 Resuming restores all of that, so a run interrupted at any step and resumed ends with the same
 weights as an uninterrupted run with the same seed (bit for bit on NumPy).
+
+A folder that holds no checkpoint (a run that died in its first epoch) holds nothing to lose: a
+new run may use it, and resuming it starts the run again from its settings.json.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import secrets
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: run folders are not locked there
+    fcntl = None
 
 import numpy
 
@@ -56,6 +69,7 @@ __all__ = [
     "model_from_checkpoint",
     "CheckpointError",
     "NonFiniteLossError",
+    "NonFiniteCheckpointError",
     "TrainingInterrupted",
     "RunFolderError",
     "SettingsError",
@@ -78,7 +92,16 @@ class RunFolderError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+    """The loss or the weights became NaN or infinite; the message names where, and the last finite
+    checkpoint (or says there is none)."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint would hold (or holds) NaN or infinite values; ``names`` lists those arrays."""
+
+    def __init__(self, message, names=()):
+        super().__init__(message)
+        self.names = list(names)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -126,6 +149,7 @@ class Settings:
         def bad(message):
             raise SettingsError(message)
 
+        self._check_types()
         if self.dataset not in data.DATASETS:
             bad(f"unknown dataset {self.dataset!r}; expected one of {', '.join(data.DATASETS)}")
         try:
@@ -158,7 +182,34 @@ class Settings:
             bad(f"seed must be a whole number >= 0, got {self.seed!r}")
         if self.train_subset is not None and self.train_subset < 2:
             bad(f"train subset must hold at least 2 images, got {self.train_subset}")
+        if self.val_size is not None and self.val_size < 0:
+            bad(f"validation size must be >= 0 images, got {self.val_size}")
+        if self.eval_batch_size < 1:
+            bad(f"evaluation batch size must be >= 1, got {self.eval_batch_size}")
+        if self.shortcut not in ("zero_pad", "projection"):
+            bad(f"unknown shortcut {self.shortcut!r}; expected 'zero_pad' or 'projection'")
+        if not (self.momentum >= 0 and math.isfinite(self.momentum)):
+            bad(f"momentum must be a number >= 0, got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad(f"weight decay must be a number >= 0, got {self.weight_decay}")
+        if self.nesterov and self.momentum == 0:
+            bad("Nesterov momentum needs momentum > 0")
         return self
+
+    def _check_types(self) -> None:
+        """Each setting has its declared type (settings.json or a checkpoint may be edited by hand)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            if value is None and "None" in kinds:
+                continue
+            accepted = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+            allowed = tuple(t for k in kinds for t in accepted.get(k, ()))
+            if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+                words = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
+                         "None": "null"}
+                expected = " or ".join(words.get(k, k) for k in kinds)
+                raise SettingsError(f"setting {f.name!r} must be {expected}, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,14 +239,24 @@ class RunResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(model, split: data.Split, batch_size: int = 500) -> tuple[float, float]:
+class EvaluationStopped(Exception):
+    """Raised by :func:`evaluate` when its ``stop`` callable asked it to stop (Ctrl-C)."""
+
+
+def evaluate(model, split: data.Split, batch_size: int = 500, stop=None) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` on ``split`` in eval mode: every branch runs, scaled by
-    its rule. The model's training flag is restored afterwards."""
+    its rule. The model's training flag is restored afterwards.
+
+    stop: a callable asked before each batch; when it returns True the evaluation ends at once with
+    :class:`EvaluationStopped` (the trainer passes "was Ctrl-C pressed?").
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, len(split)
     try:
         for xb, yb in data.batches(split, batch_size):
+            if stop is not None and stop():
+                raise EvaluationStopped
             logits = model(xb)
             loss, _ = F.softmax_cross_entropy_forward(logits, yb)
             loss_sum += float(loss) * int(yb.shape[0])
@@ -218,15 +279,32 @@ def _set_rng_state(rng, state: dict) -> None:
     rng.bit_generator.state = state
 
 
+def _non_finite(arrays: dict) -> list:
+    """Names of the floating arrays in ``arrays`` (host arrays) that hold a NaN or an infinity."""
+    return [k for k, v in arrays.items() if v.dtype.kind in "fc" and not numpy.isfinite(v).all()]
+
+
+def _describe_names(names, shown=3) -> str:
+    listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+    return f"{len(names)} array{'s' if len(names) != 1 else ''}: {listed}"
+
+
 def save_checkpoint(path, model, optimizer=None, meta: dict | None = None) -> str:
     """Write ``model`` (parameters and buffers), the optimizer's momentum buffers and ``meta`` (a
-    JSON-able dict) to ``path`` atomically: a temporary file in the same folder, then os.replace."""
+    JSON-able dict) to ``path`` atomically: a temporary file in the same folder, then os.replace.
+
+    Refuses (NonFiniteCheckpointError, nothing written) when any array holds a NaN or an infinity:
+    a checkpoint is something to resume or evaluate, and such weights are neither.
+    """
     path = os.fspath(path)
     arrays = {f"model.{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
     if optimizer is not None:
         opt_state = optimizer.state_dict()
         arrays.update({f"optim.{k}": backend.to_numpy(v) for k, v in opt_state["buffers"].items()})
         meta = dict(meta or {}, optimizer=opt_state["hyper"])
+    bad = _non_finite(arrays)
+    if bad:
+        raise NonFiniteCheckpointError(f"not saving {path}: non-finite values in {_describe_names(bad)}", bad)
     meta = dict(meta or {}, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
     arrays["meta"] = numpy.array(json.dumps(meta))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -234,13 +312,24 @@ def save_checkpoint(path, model, optimizer=None, meta: dict | None = None) -> st
     return path
 
 
+PARTIAL_PREFIX = ".tmp-"  # temporary files of _write_atomically; a run removes those a kill left behind
+
+
 def _write_atomically(path, suffix, write):
     """write(handle) into a temporary file beside ``path``, then rename it over ``path``.
 
     A crash or Ctrl-C mid-write leaves the old file intact (a rename is atomic), never half a file.
+    The file gets the permissions the umask gives any new file (as settings.json has), and the
+    folder is synced after the rename so the new name survives a power cut.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    while True:
+        tmp = os.path.join(folder, f"{PARTIAL_PREFIX}{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0666 minus the umask
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -251,6 +340,21 @@ def _write_atomically(path, suffix, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    _sync_folder(folder)
+
+
+def _sync_folder(folder) -> None:
+    """fsync a folder (where the renamed entry lives); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def _checkpoint_path(path) -> str:
@@ -277,19 +381,43 @@ def load_checkpoint(path) -> tuple[dict, dict, dict]:
         raise CheckpointError(f"{path} is not a minisd checkpoint (no 'meta' entry)")
     try:
         meta = json.loads(str(contents.pop("meta")))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: the 'meta' entry is not valid JSON ({exc})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a minisd checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} is not a minisd checkpoint (format {found!r})")
+    bad = _non_finite(contents)
+    if bad:
+        raise NonFiniteCheckpointError(f"{path} holds non-finite values ({_describe_names(bad)}); it cannot be "
+                                       "evaluated or resumed", bad)
     model_arrays = {k[len("model."):]: v for k, v in contents.items() if k.startswith("model.")}
     optim_arrays = {k[len("optim."):]: v for k, v in contents.items() if k.startswith("optim.")}
     return model_arrays, optim_arrays, meta
 
 
+def _settings_from_meta(meta: dict, path) -> Settings:
+    """The validated settings a checkpoint's metadata holds (it may have been edited by hand)."""
+    values = meta.get("settings")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"checkpoint {path}: its metadata holds no settings")
+    try:
+        return Settings.from_dict(values).validate()
+    except (SettingsError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid settings in its metadata ({exc})") from None
+
+
+def _meta_int(meta: dict, key, default, low, high, path) -> int:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(f"checkpoint {path}: '{key}' in its metadata must be a whole number in "
+                              f"[{low}, {high}], got {value!r}")
+    return value
+
+
 def _load_into_model(model, arrays: dict, path) -> None:
     try:
         model.load_state_dict(arrays)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from None
 
 
@@ -307,10 +435,13 @@ def _build_model(settings: Settings, dataset: data.Dataset | None = None, num_cl
 def model_from_checkpoint(path, backend_name: str | None = None):
     """(model, meta): the model a checkpoint was saved from, with its weights, on the current backend."""
     model_arrays, _, meta = load_checkpoint(path)
-    settings = Settings.from_dict(meta.get("settings", {}))
+    settings = _settings_from_meta(meta, _checkpoint_path(path))
+    num_classes = _meta_int(meta, "num_classes", 10, 1, 1_000_000, _checkpoint_path(path))
+    in_channels = _meta_int(meta, "in_channels", 1 if settings.dataset == "digits" else 3, 1, 4096,
+                            _checkpoint_path(path))
     if backend_name:
         backend.use(backend_name)
-    model = _build_model(settings, in_channels=meta.get("in_channels"), num_classes=meta.get("num_classes", 10))
+    model = _build_model(settings, in_channels=in_channels, num_classes=num_classes)
     _load_into_model(model, model_arrays, _checkpoint_path(path))
     model.eval()
     return model, meta
@@ -319,8 +450,9 @@ def model_from_checkpoint(path, backend_name: str | None = None):
 def evaluate_checkpoint(path, split: str = "test", data_dir=None, backend_name: str | None = None) -> dict:
     """Evaluate a checkpoint on a split of the dataset it was trained on: {"loss", "acc", ...}."""
     model, meta = model_from_checkpoint(path, backend_name)
-    settings = Settings.from_dict(meta.get("settings", {}))
+    settings = _settings_from_meta(meta, _checkpoint_path(path))
     dataset = data.load(settings.dataset, data_dir or settings.data_dir, settings.val_size)
+    data.check_labels(dataset)
     part = getattr(dataset, split).to()
     loss, acc = evaluate(model, part, settings.eval_batch_size)
     return {"split": split, "loss": loss, "acc": acc, "images": len(part), "epoch": meta.get("epoch"),
@@ -359,17 +491,35 @@ def _save_curves(history: list, path) -> None:
 
 
 class _InterruptFlag:
-    """While active, the first Ctrl-C only sets a flag (the loop saves and stops at the next step
-    boundary, so a checkpoint never holds a half-applied update); a second Ctrl-C stops at once."""
+    """While active, the first Ctrl-C sets a flag and says so at once; the loop then saves and stops
+    at the next safe point (after the current training step, or before the next evaluation batch),
+    so a checkpoint never holds a half-applied update. A second Ctrl-C stops at once, except while
+    a checkpoint is being written: that write finishes first (see :meth:`saving`)."""
 
-    def __init__(self):
+    def __init__(self, announce=None):
         self.requested = False
+        self._announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._saving = False
         self._previous = None
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if not self.requested:
+            self.requested = True
+            self._announce("Ctrl-C: saving a checkpoint at the next safe point, then stopping "
+                           "(press Ctrl-C again to quit at once without saving)")
+        elif self._saving:
+            self._announce("Ctrl-C: a checkpoint is being written; stopping as soon as it is complete")
+        else:
             raise KeyboardInterrupt
-        self.requested = True
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Inside: further Ctrl-C presses wait (the flag is already set, so the loop stops next)."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -383,14 +533,99 @@ class _InterruptFlag:
 
 
 # ----------------------------------------------------------------------------------------------
+# The run folder: one run at a time, partial files, reuse
+# ----------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+
+
+def _lock_holder(fd) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(os.pread(fd, 32, 0).decode().strip() or 0)
+        if pid > 0:
+            return f" (process {pid})"
+    return ""
+
+
+def _try_lock(fd, run_dir) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunFolderError(f"{run_dir} is in use by another minisd run{_lock_holder(fd)}; wait for it to "
+                                 "finish or choose another --out") from None
+        raise
+
+
+def _check_not_in_use(run_dir) -> None:
+    """RunFolderError if another process holds the folder's lock (a quick look: locks nothing, creates nothing)."""
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no run has ever held this folder
+    try:
+        _try_lock(fd, run_dir)
+    finally:
+        os.close(fd)  # releases the lock just taken
+
+
+@contextlib.contextmanager
+def _run_folder_lock(run_dir):
+    """Create ``run_dir`` if needed and hold an exclusive lock on its .lock file while inside.
+
+    flock: the kernel drops the lock when the process ends, however it ends (kill -9 included), so
+    a crashed run never blocks the folder. RunFolderError (one line) if another run holds it.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        _try_lock(fd, run_dir)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message the next comer reads
+        yield
+    finally:
+        os.close(fd)
+
+
+def _has_checkpoint(folder) -> bool:
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("last.npz", "best.npz"))
+
+
+def _remove_partial_files(run_dir, log) -> None:
+    """Remove temporary files that a kill during a save left behind (only a run holding the lock
+    calls this, so no save is in progress)."""
+    with contextlib.suppress(FileNotFoundError):
+        partial = sorted(n for n in os.listdir(run_dir) if n.startswith(PARTIAL_PREFIX))
+        for name in partial:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(run_dir, name))
+        if partial:
+            log(f"removed {len(partial)} partial file{'s' if len(partial) > 1 else ''} an interrupted save left in "
+                f"{run_dir}: {', '.join(partial)}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
 
 
 def _default_run_dir(settings: Settings, root="runs") -> str:
+    """runs/<name>, or runs/<name>-2, -3, ...: the first that is new, or holds no checkpoint and is
+    not in use (a run that died in its first epoch left nothing to keep there)."""
     base = os.path.join(root, f"{settings.dataset}-resnet{settings.depth}-{settings.schedule}-seed{settings.seed}")
     candidate, k = base, 1
     while os.path.exists(candidate):
+        if os.path.isdir(candidate) and not _has_checkpoint(candidate):
+            try:
+                _check_not_in_use(candidate)
+                return candidate
+            except RunFolderError:
+                pass
         k += 1
         candidate = f"{base}-{k}"
     return candidate
@@ -406,16 +641,20 @@ class _Trainer:
         self.run_dir = run_dir
         self.log = log
         self.progress = progress
-        if settings.backend is not None and settings.backend != backend.name():
-            backend.use(settings.backend)
+        if settings.backend is not None:
+            backend.use(settings.backend)  # also replaces a MINISD_BACKEND that could not be used
         settings.backend = backend.name()
         backend.seed(settings.seed)
         if settings.data_dir is not None:
             settings.data_dir = os.path.abspath(os.fspath(settings.data_dir))
         dataset = data.load(settings.dataset, settings.data_dir, settings.val_size)
+        # Labels are checked here, once, on the host: the loss does not check them on the GPU,
+        # where reading them back would stall every step.
+        data.check_labels(dataset)
         if settings.train_subset is not None:
             dataset = dataclasses.replace(dataset, train=dataset.train.subset(settings.train_subset))
         settings.val_size = len(dataset.val)
+        _check_translate(settings.translate, dataset)
         settings.translate = dataset.translate if settings.translate is None else int(settings.translate)
         settings.flip = dataset.flip if settings.flip is None else bool(settings.flip)
         self.dataset = dataset.to()
@@ -432,7 +671,11 @@ class _Trainer:
         self.partial = self._empty_partial()
         self.history: list = []
         self.best_val, self.best_val_loss, self.best_epoch = None, None, None
-        self.last_good = None  # (path, epoch) of the last checkpoint written
+        self.last_good = None  # (path, epoch, step) of the last checkpoint written (all checkpoints are finite)
+        self.interrupt = None  # the Ctrl-C flag while run() runs
+        self.saved_at = None  # (epoch, step) of the last save of last.npz
+        # Wall time of the run: earlier sessions (from the checkpoint) plus this one.
+        self.wall_before, self.session_start = 0.0, time.perf_counter()
 
     @staticmethod
     def _empty_partial():
@@ -455,6 +698,7 @@ class _Trainer:
             "best_val_acc": self.best_val,
             "best_val_loss": self.best_val_loss,
             "best_epoch": self.best_epoch,
+            "wall_time_s": self.wall_time(),
             "rng": {
                 "gate_rng": _rng_state(self.model.gate_rng),
                 "host_rng": _rng_state(backend.host_rng()),
@@ -463,10 +707,20 @@ class _Trainer:
             },
         }
 
+    def wall_time(self) -> float:
+        return self.wall_before + (time.perf_counter() - self.session_start)
+
     def save(self, name) -> str:
-        path = save_checkpoint(self.path(name), self.model, self.optimizer, self.meta())
+        """Save a checkpoint; a second Ctrl-C waits for it. Non-finite weights stop the run instead."""
+        saving = self.interrupt.saving() if self.interrupt is not None else contextlib.nullcontext()
+        try:
+            with saving:
+                path = save_checkpoint(self.path(name), self.model, self.optimizer, self.meta())
+        except NonFiniteCheckpointError as exc:
+            self._stop_for_nonfinite_weights(exc.names)
         if name == "last.npz":
             self.last_good = (path, self.epoch, self.step)
+            self.saved_at = (self.epoch, self.step)
         return path
 
     def restore(self, path) -> None:
@@ -474,19 +728,27 @@ class _Trainer:
         _load_into_model(self.model, model_arrays, path)
         try:
             self.optimizer.load_state_dict({"hyper": meta.get("optimizer", {}), "buffers": optim_arrays})
-        except ValueError as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"checkpoint {path}: {exc}") from None
         try:
-            self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+            self.epoch = _meta_int(meta, "epoch", None, 0, self.settings.epochs, path)
+            self.step = _meta_int(meta, "step", None, 0, self.steps_per_epoch, path)
             self.partial = dict(meta["partial"])
+            if set(self.partial) != set(self._empty_partial()):
+                raise ValueError(f"'partial' holds {sorted(self.partial)}")
             self.history = list(meta["history"])
+            if len(self.history) != self.epoch or not all(isinstance(h, dict) for h in self.history):
+                raise ValueError(f"'history' must hold one record per finished epoch ({self.epoch})")
             self.best_val, self.best_val_loss = meta["best_val_acc"], meta["best_val_loss"]
             self.best_epoch = meta["best_epoch"]
+            self.wall_before = float(meta.get("wall_time_s", 0.0))
             _set_rng_state(self.model.gate_rng, meta["rng"]["gate_rng"])
             _set_rng_state(backend.host_rng(), meta["rng"]["host_rng"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} lacks the training state needed to resume ({exc})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise CheckpointError(f"checkpoint {path} lacks the training state needed to resume, or it was "
+                                  f"edited ({type(exc).__name__}: {exc})") from None
         self.last_good = (path, self.epoch, self.step)
+        self.saved_at = (self.epoch, self.step)
 
     # ---- files ----------------------------------------------------------------------------------
 
@@ -507,7 +769,7 @@ class _Trainer:
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        start = time.perf_counter()
+        self.session_start = time.perf_counter()
         s = self.settings
         self.log(f"{self.dataset.describe()}")
         self.log(f"ResNet-{s.depth} ({len(self.model.blocks)} residual blocks, {self.model.num_parameters():,} "
@@ -515,20 +777,41 @@ class _Trainer:
                  f"{self.model.expected_active_blocks:.2f} blocks active per step on average; "
                  f"backend {backend.name()}, seed {s.seed}")
         self.log(f"run folder: {self.run_dir}")
-        with _InterruptFlag() as interrupt:
-            while self.epoch < s.epochs:
-                self.train_epoch(interrupt)
-        if self.history:
-            _save_curves(self.history, self.path("curves.png"))
-        return self.finish(time.perf_counter() - start)
+        with _InterruptFlag(announce=self.log) as interrupt:
+            self.interrupt = interrupt
+            try:
+                while self.epoch < s.epochs:
+                    self.train_epoch(interrupt)
+                    if interrupt.requested:  # Ctrl-C during the epoch's end (validation done, saved)
+                        self._stop_for_interrupt()
+                if self.history:
+                    with interrupt.saving():
+                        _save_curves(self.history, self.path("curves.png"))
+                return self.finish()
+            finally:
+                self.interrupt = None
 
     def _stop_for_interrupt(self):
-        path = self.save("last.npz")
-        _save_curves(self.history, self.path("curves.png"))
-        where = f"epoch {self.epoch + 1}, after step {self.step} of {self.steps_per_epoch}"
+        """Save last.npz at the current position (unless it was just saved there), then stop."""
+        path = self.path("last.npz") if self.saved_at == (self.epoch, self.step) else self.save("last.npz")
+        with self.interrupt.saving() if self.interrupt is not None else contextlib.nullcontext():
+            _save_curves(self.history, self.path("curves.png"))
+        where = (f"after epoch {self.epoch}" if self.step == 0 and self.epoch > 0
+                 else f"in epoch {self.epoch + 1}, after step {self.step} of {self.steps_per_epoch}")
         raise TrainingInterrupted(
-            f"interrupted at {where}; checkpoint saved to {path}\n"
+            f"interrupted {where}; checkpoint saved to {path}\n"
             f"resume with: minisd train --resume {self.run_dir}", checkpoint=path, run_dir=self.run_dir)
+
+    def _validate(self, interrupt):
+        """(val loss, val acc), or (None, None) without a validation split; Ctrl-C stops it at once
+        (the checkpoint then holds the finished training part of the epoch, and resuming validates)."""
+        if not len(self.dataset.val):
+            return None, None
+        try:
+            return evaluate(self.model, self.dataset.val, self.settings.eval_batch_size,
+                            stop=lambda: interrupt.requested)
+        except EvaluationStopped:
+            self._stop_for_interrupt()
 
     def train_epoch(self, interrupt):
         s, model, opt = self.settings, self.model, self.optimizer
@@ -575,8 +858,8 @@ class _Trainer:
             if bar is not None:
                 bar.close()
         train_time = time.perf_counter() - t0
-        val_loss, val_acc = (evaluate(model, self.dataset.val, s.eval_batch_size) if len(self.dataset.val)
-                             else (None, None))
+        p["time_s"] = train_time  # kept if validation is interrupted
+        val_loss, val_acc = self._validate(interrupt)
         record = {
             "epoch": epoch + 1,
             "lr": opt.lr,
@@ -605,27 +888,45 @@ class _Trainer:
                  f"val acc {_fmt_pct(val_acc)}  active {record['active_fraction']:.2f}  "
                  f"time {train_time:5.1f}s{'  *' if improved else ''}")
 
-    def _stop_for_nonfinite(self, value):
-        global_step = self.epoch * self.steps_per_epoch + self.step + 1
+    def _last_finite_checkpoint(self) -> str:
+        """Words for the NaN messages: the last checkpoint written (all are finite), or that there is none."""
         if self.history:
             _save_curves(self.history, self.path("curves.png"))
-        if self.last_good is not None:
-            path, ep, st = self.last_good
-            kept = (f"the last good checkpoint {path} (end of epoch {ep})" if st == 0
-                    else f"the last good checkpoint {path} (epoch {ep + 1}, step {st})")
-            kept += " is intact"
-        else:
-            kept = "no checkpoint had been written yet"
+        if self.last_good is None:
+            return (f"no checkpoint was written, so {self.run_dir} holds nothing to resume: run the same command "
+                    "again (it reuses the folder) with a smaller --lr")
+        path, ep, st = self.last_good
+        where = f"end of epoch {ep}" if st == 0 else f"epoch {ep + 1}, step {st}"
+        return f"the last finite checkpoint is {path} ({where}), left as it was. Try a smaller --lr"
+
+    def _stop_for_nonfinite(self, value):
+        global_step = self.epoch * self.steps_per_epoch + self.step + 1
         raise NonFiniteLossError(
             f"non-finite loss ({value}) at epoch {self.epoch + 1}, step {self.step + 1} (global step {global_step}); "
-            f"training stopped before the update, {kept}. Try a smaller --lr.")
+            f"training stopped before the update; {self._last_finite_checkpoint()}.")
 
-    def finish(self, wall_time) -> RunResult:
+    def _stop_for_nonfinite_weights(self, names):
+        where = (f"at the end of epoch {self.epoch}" if self.step == 0
+                 else f"in epoch {self.epoch + 1} after step {self.step}")
+        raise NonFiniteLossError(
+            f"non-finite weights {where} ({_describe_names(names)}) although the loss was finite; training "
+            f"stopped without saving them; {self._last_finite_checkpoint()}.")
+
+    def finish(self) -> RunResult:
         """Evaluate the best-validation checkpoint on the test split; write summary.json."""
         best_path = self.path("best.npz")
         model_arrays, _, meta = load_checkpoint(best_path)
         _load_into_model(self.model, model_arrays, best_path)
-        test_loss, test_acc = evaluate(self.model, self.dataset.test, self.settings.eval_batch_size)
+        interrupt = self.interrupt
+        try:
+            test_loss, test_acc = evaluate(self.model, self.dataset.test, self.settings.eval_batch_size,
+                                           stop=(lambda: interrupt.requested) if interrupt is not None else None)
+        except EvaluationStopped:
+            raise TrainingInterrupted(
+                f"interrupted during the final test evaluation; all {self.settings.epochs} epochs are saved in "
+                f"{self.path('last.npz')}\nresume with: minisd train --resume {self.run_dir}",
+                checkpoint=self.path("last.npz"), run_dir=self.run_dir) from None
+        wall_time = self.wall_time()
         best_epoch = meta.get("best_epoch")
         summary = {"test_acc": test_acc, "test_loss": test_loss, "best_epoch": best_epoch,
                    "best_val_acc": meta.get("best_val_acc"), "epochs": self.settings.epochs,
@@ -656,12 +957,36 @@ def _print(line):
     print(line, flush=True)
 
 
-def _has_run(folder) -> bool:
-    return any(os.path.exists(os.path.join(folder, f)) for f in ("settings.json", "last.npz", "metrics.jsonl"))
+def _check_translate(translate, dataset) -> None:
+    """A shift of a whole image or more leaves nothing of it (and pads a huge array)."""
+    if translate is not None and translate >= dataset.image_size:
+        raise SettingsError(f"--translate must be less than the image size: {dataset.name} images are "
+                            f"{dataset.image_size}x{dataset.image_size} pixels, got {translate}")
+
+
+def _check_no_run_in(run_dir) -> None:
+    if _has_checkpoint(run_dir):
+        raise RunFolderError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                             "or choose another --out")
+
+
+def _start_in(trainer: "_Trainer", log, note_reuse=True) -> RunResult:
+    """Claim the run folder (lock), tidy it, write the settings and run. Nothing is written before
+    the lock is held, and a folder without a checkpoint is reused (it holds nothing to lose)."""
+    run_dir = trainer.run_dir
+    with _run_folder_lock(run_dir):
+        _check_no_run_in(run_dir)  # again: a run may have started while the data loaded
+        _remove_partial_files(run_dir, log)
+        if note_reuse and os.path.exists(trainer.path("settings.json")):
+            log(f"reusing {run_dir}: it holds no checkpoint (the run there stopped before its first epoch ended)")
+        trainer.write_settings()
+        trainer.rewrite_metrics()
+        return trainer.run()
 
 
 def fit(settings: Settings | None = None, run_dir=None, log=_print, progress=None) -> RunResult:
-    """Train from scratch as ``settings`` say; the run folder (default ``runs/<name>``) must not hold a run.
+    """Train from scratch as ``settings`` say; the run folder (default ``runs/<name>``) must not hold
+    a checkpoint, and no other run may be using it.
 
     Returns a :class:`RunResult` (test accuracy of the best-validation checkpoint). Raises
     NonFiniteLossError, TrainingInterrupted (Ctrl-C; a checkpoint was saved), DataError,
@@ -670,14 +995,26 @@ def fit(settings: Settings | None = None, run_dir=None, log=_print, progress=Non
     settings = dataclasses.replace(settings or Settings())
     settings.validate()
     run_dir = os.fspath(run_dir) if run_dir is not None else _default_run_dir(settings)
-    if _has_run(run_dir):
-        raise RunFolderError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                             "or choose another --out")
+    # Fail before the data load where that is already clear; the binding checks come with the lock.
+    _check_no_run_in(run_dir)
+    _check_not_in_use(run_dir)
     trainer = _Trainer(settings, run_dir, log, progress)
-    os.makedirs(run_dir, exist_ok=True)
-    trainer.write_settings()
-    trainer.rewrite_metrics()
-    return trainer.run()
+    return _start_in(trainer, log)
+
+
+def _read_settings_json(run_dir) -> Settings:
+    path = os.path.join(run_dir, "settings.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise RunFolderError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{path} does not hold a JSON object of settings")
+    try:
+        return Settings.from_dict(values).validate()
+    except SettingsError as exc:
+        raise RunFolderError(f"{path}: {exc}") from None
 
 
 def resume(path, log=_print, progress=None, backend_name: str | None = None, data_dir=None) -> RunResult:
@@ -685,19 +1022,44 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
 
     The settings come from the checkpoint; ``backend_name`` and ``data_dir`` may differ (a run
     moved to a GPU, or data moved to another folder). Files are written to the checkpoint's folder.
+    A run folder without a checkpoint but with its settings.json (the run died in its first epoch)
+    starts again from the beginning with those settings.
     """
-    checkpoint = _checkpoint_path(path)
-    _, _, meta = load_checkpoint(checkpoint)
-    settings = Settings.from_dict(meta.get("settings", {}))
+    path = os.fspath(path)
+    fresh = False
+    if os.path.isdir(path):
+        run_dir = path
+        # last.npz is written right after best.npz at every epoch end, so a folder holding only
+        # best.npz was stopped between the two, and best.npz holds that same position.
+        candidates = [os.path.join(path, n) for n in ("last.npz", "best.npz")]
+        checkpoint = next((c for c in candidates if os.path.exists(c)), None)
+        if checkpoint is None:
+            if not os.path.exists(os.path.join(path, "settings.json")):
+                raise CheckpointError(f"nothing to resume in {path}: no checkpoint (last.npz) and no settings.json")
+            fresh = True
+    else:
+        checkpoint = path
+        run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    _check_not_in_use(run_dir)
+    if fresh:
+        settings = _read_settings_json(run_dir)
+    else:
+        _, _, meta = load_checkpoint(checkpoint)
+        settings = _settings_from_meta(meta, checkpoint)
     if backend_name is not None:
         settings.backend = backend_name
     if data_dir is not None:
         settings.data_dir = os.fspath(data_dir)
-    run_dir = os.path.dirname(os.path.abspath(checkpoint))
     trainer = _Trainer(settings, run_dir, log, progress)
-    trainer.restore(checkpoint)
-    trainer.rewrite_metrics()  # drop lines of epochs after the checkpoint
-    where = (f"after epoch {trainer.epoch}" if trainer.step == 0
-             else f"in epoch {trainer.epoch + 1} after step {trainer.step}")
-    log(f"resuming {checkpoint} {where} of {settings.epochs}")
-    return trainer.run()
+    if fresh:
+        log(f"no checkpoint in {run_dir} (the run stopped before its first epoch ended): starting it again "
+            "from the beginning with its settings.json")
+        return _start_in(trainer, log, note_reuse=False)
+    with _run_folder_lock(run_dir):
+        trainer.restore(checkpoint)  # read under the lock: the latest checkpoint, not one being replaced
+        _remove_partial_files(run_dir, log)
+        trainer.rewrite_metrics()  # drop lines of epochs after the checkpoint
+        where = (f"after epoch {trainer.epoch}" if trainer.step == 0
+                 else f"in epoch {trainer.epoch + 1} after step {trainer.step}")
+        log(f"resuming {checkpoint} {where} of {settings.epochs}")
+        return trainer.run()

@@ -1,15 +1,17 @@
 """The `minisd` command: a tiny end-to-end run, and one-line errors with the right exit codes."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import types
 
+import numpy as np
 import pytest
 
-from minisd import backend, cli, optim
+from minisd import backend, bench, cli, optim, train
 
 TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "32", "--train-subset", "64", "--quiet"]
 
@@ -130,12 +132,10 @@ def test_gradcheck_command(capsys):
 
 
 def test_bench_is_delegated(monkeypatch, capsys):
-    seen = {}
-    fake = types.ModuleType("minisd.bench")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "minisd.bench", fake)
-    assert cli.main(["bench", "--quick", "x"]) == 0
-    assert seen["argv"] == ["--quick", "x"]
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) and 0)
+    assert cli.main(["bench", "--depths", "8", "14", "--steps", "1", "--no-torch"]) == 0
+    assert seen == [["--depths", "8", "14", "--steps", "1", "--no-torch"]]
     monkeypatch.setitem(sys.modules, "minisd.bench", None)  # as if minisd/bench.py were missing
     line = one_error_line(capsys, cli.main(["bench"]))
     assert "minisd/bench.py" in line
@@ -147,3 +147,143 @@ def test_console_entry_point_exit_status_and_no_traceback(tmp_path):
                            str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"minisd: error: data folder not found: {tmp_path / 'missing'}"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--depths", "21"], "argument --depths: depth must be 6n + 2"),
+    (["--depths", "20", "abc"], "argument --depths: invalid int value: 'abc'"),
+    (["--steps", "0"], "argument --steps: expected a whole number >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
+    (["--final-survival", "2"], "argument --final-survival: expected a number in [0, 1], got 2.0"),
+    (["--threads", "-1"], "argument --threads: expected a whole number >= 1, got -1"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_bench_arguments_give_one_line_before_anything_runs(monkeypatch, capsys, argv, expected):
+    ran = []
+    monkeypatch.setattr(bench, "main", lambda argv: ran.append(argv) or 0)
+    line = one_error_line(capsys, run_main(["bench", *argv]), expected_code=2)
+    assert line.startswith("minisd bench: error: ") and expected in line
+    assert ran == []
+
+
+def _environment(monkeypatch, name, value):
+    """Set an environment variable as a new process would see it (MINISD_BACKEND is read at import)."""
+    monkeypatch.setenv(name, value)
+    if name == "MINISD_BACKEND":
+        monkeypatch.setitem(backend._state, "environment_error", None)  # restored after the test
+        backend._select_from_environment()
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("MINISD_BACKEND", "garbage", "MINISD_BACKEND=garbage: backend.use: unknown backend 'garbage'"),
+    ("MINISD_NUM_THREADS", "abc", "MINISD_NUM_THREADS must be a whole number >= 1"),
+    ("MINISD_NUM_THREADS", "0", "MINISD_NUM_THREADS must be a whole number >= 1 (threads for CPU convolutions), "
+                                "got '0'"),
+])
+@pytest.mark.parametrize("command", [["gradcheck", "--depth", "8"], ["bench", "--steps", "1"], ["evaluate", "x"]])
+def test_bad_environment_variables_give_one_line(monkeypatch, capsys, name, value, expected, command):
+    monkeypatch.setattr(bench, "main", lambda argv: 0)
+    _environment(monkeypatch, name, value)
+    line = one_error_line(capsys, run_main(command))
+    assert line.startswith("minisd: error: ") and expected in line
+
+
+def test_backend_option_overrides_a_bad_minisd_backend(monkeypatch, tmp_path, capsys):
+    _environment(monkeypatch, "MINISD_BACKEND", "garbage")
+    assert cli.main(["train", *TINY, "--backend", "numpy", "--out", str(tmp_path / "run")]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_bad_minisd_backend_in_a_real_process(tmp_path):
+    env = dict(os.environ, MINISD_BACKEND="garbage")
+    proc = subprocess.run([sys.executable, "-m", "minisd.cli", "gradcheck", "--depth", "8"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "MINISD_BACKEND=garbage" in proc.stderr
+
+
+def test_translate_of_a_whole_image_is_one_line_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    line = one_error_line(capsys, cli.main(["train", *TINY, "--translate", "100000", "--out", str(run)]))
+    assert "--translate must be less than the image size: digits images are 8x8 pixels, got 100000" in line
+    assert not run.exists()
+    line = one_error_line(capsys, run_main(["train", "--translate", "-1"]), expected_code=2)
+    assert "expected a whole number >= 0" in line
+
+
+def test_validation_size_option(tmp_path, capsys):
+    from test_data import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "data", "bin", per_batch=4)  # 20 training images
+    base = ["train", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    line = one_error_line(capsys, cli.main(base))
+    assert "cannot hold out 5000 validation images from 20" in line and "--val-size" in line
+    line = one_error_line(capsys, cli.main(base + ["--val-size", "30"]))
+    assert "cannot hold out 30 validation images from 20" in line
+
+
+def test_lr_help_describes_each_schedule():
+    train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: a.help for a in train_parser._actions}
+    assert "divided by 10" not in helps["lr"] and "--lr-schedule" in helps["lr"]
+    for words in ("step: divide the learning rate by 10 at 50% and 75%", "cosine", "constant"):
+        assert words in helps["lr_schedule"] % {}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(["train", *TINY, "--out", str(run)]) == 0
+    return run
+
+
+def _edit_meta(path, edit):
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    meta = json.loads(str(arrays["meta"]))
+    edited = edit(meta)
+    arrays["meta"] = np.array(edited if isinstance(edited, str) else json.dumps(edited))
+    np.savez(path, **arrays)
+
+
+def _set(*keys, value):
+    def edit(meta):
+        target = meta
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+        return meta
+    return edit
+
+
+EDITS = {
+    "meta-not-json": (lambda meta: "{", 1, 1),
+    "meta-a-list": (lambda meta: [1, 2], 1, 1),
+    "settings-null": (_set("settings", value=None), 1, 1),
+    "depth-a-string": (_set("settings", "depth", value="abc"), 1, 1),
+    "depth-not-6n+2": (_set("settings", "depth", value=10), 1, 1),
+    "in-channels-negative": (_set("in_channels", value=-3), 1, 0),  # resume takes them from the data
+    "epoch-a-string": (_set("epoch", value="x"), 0, 1),             # evaluate does not need the position
+    "step-huge": (_set("step", value=10 ** 30), 0, 1),
+    "gate-rng-garbage": (_set("rng", "gate_rng", value={"bad": 1}), 0, 1),
+    "optimizer-lr-a-word": (_set("optimizer", "lr", value="fast"), 0, 1),
+    "history-a-number": (_set("history", value=5), 0, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITS))
+def test_hand_edited_checkpoint_metadata_gives_one_line(tmp_path, capsys, finished_run, name):
+    edit, evaluate_code, resume_code = EDITS[name]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for checkpoint in ("best.npz", "last.npz"):
+        _edit_meta(run / checkpoint, edit)
+    for argv, expected in ((["evaluate", str(run)], evaluate_code), (["train", "--resume", str(run), "--quiet"],
+                                                                     resume_code)):
+        code = cli.main(argv)
+        if expected == 0:
+            assert code == 0, capsys.readouterr().err
+            capsys.readouterr()
+        else:
+            line = one_error_line(capsys, code)
+            assert line.startswith("minisd: error: ") and "checkpoint" in line, line

@@ -161,6 +161,18 @@ def test_step_schedule_is_the_papers():
     assert optim.step_lr(0.1, 375, 500) == pytest.approx(0.001)
 
 
+@pytest.mark.parametrize("epochs, expected", [
+    (1, [0.1]),                       # the requested rate, not 0.001
+    (2, [0.1, 0.01]),                 # no skipped 0.01
+    (3, [0.1, 0.01, 0.001]),
+    (4, [0.1, 0.1, 0.01, 0.001]),
+    (5, [0.1, 0.1, 0.01, 0.001, 0.001]),
+])
+def test_step_schedule_for_short_runs(epochs, expected):
+    assert [optim.step_lr(0.1, e, epochs) for e in range(epochs)] == pytest.approx(expected)
+    assert [optim.make_lr_schedule("step", 0.1, epochs)(e) for e in range(epochs)] == pytest.approx(expected)
+
+
 def test_cosine_and_constant_schedules():
     assert optim.cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
     assert optim.cosine_lr(0.1, 5, 10) == pytest.approx(0.05)

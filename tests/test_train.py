@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -234,3 +235,97 @@ def test_cifar10_run_on_generated_files(tmp_path):
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert settings["flip"] is True and settings["translate"] == 4
     assert 0 <= result.test_acc <= 1 and len(result.history) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# No host round trip inside a training step (CPU stand-in for the GPU test in test_gpu.py)
+# ------------------------------------------------------------------------------------------------
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array posing as a CuPy array: every read of its values into Python (int, float,
+    bool, item, tolist, get, formatting), each a device-to-host copy and a stall on a GPU, is
+    recorded in ``reads``."""
+
+    reads: list = []
+
+    def _read(self, how, convert):
+        _DeviceArray.reads.append(how)
+        return convert(self.view(np.ndarray))
+
+    def __int__(self):
+        return self._read("int", int)
+
+    def __float__(self):
+        return self._read("float", float)
+
+    def __bool__(self):
+        return self._read("bool", bool)
+
+    def __index__(self):
+        return self._read("index", lambda a: a.__index__())
+
+    def __format__(self, spec):
+        return self._read("format", lambda a: format(a, spec))
+
+    def item(self, *args):
+        return self._read("item", lambda a: a.item(*args))
+
+    def tolist(self):
+        return self._read("tolist", lambda a: a.tolist())
+
+    def get(self):
+        return self._read("get", lambda a: a.copy())
+
+
+def _fake_cupy():
+    """A module named cupy whose array class is _DeviceArray; its functions are NumPy's, with array
+    results handed out as _DeviceArray (as CuPy's functions return device arrays)."""
+    import types  # noqa: PLC0415
+
+    fake = types.ModuleType("cupy")
+    fake.ndarray = _DeviceArray
+
+    def wrap(fn):
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            return out.view(_DeviceArray) if type(out) is np.ndarray else out
+        return call
+
+    def attribute(name):
+        value = getattr(np, name)
+        if callable(value) and not isinstance(value, (type, np.ufunc)):
+            return wrap(value)
+        return value
+
+    fake.__getattr__ = attribute
+    return fake
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
+    """Batch (with augmentation), forward, loss, backward and the SGD update of a stochastic-depth
+    ResNet on "device" arrays: not one value is read back to the host. (The trainer then reads
+    the loss once, on purpose: the NaN check and the progress bar.)"""
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
+    model = models.resnet_cifar(depth=8, in_channels=1, final_survival=0.5, schedule="uniform", seed=1)
+    for m in model.modules():
+        for store in (m.params, m.grads, m.buffers):
+            for k in store:
+                store[k] = store[k].view(_DeviceArray)
+    opt = optim.SGD(model, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    digits = data.load_digits()
+    split = data.Split(digits.train.x[:64].view(_DeviceArray), digits.train.y[:64].view(_DeviceArray))
+    order_rng, aug_rng = data.epoch_generators(0, 0)
+    stream = data.batches(split, 16, order=order_rng.permutation(64), aug_rng=aug_rng, translate=1, flip=True)
+    _DeviceArray.reads = []
+    for _, (xb, yb) in zip(range(3), stream):
+        assert backend.is_device_array(xb) and backend.is_device_array(yb)
+        model.zero_grad()
+        logits = model(xb)
+        loss, cache = F.softmax_cross_entropy_forward(logits, yb)
+        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        opt.step()
+    assert _DeviceArray.reads == []
+    assert True in model.gates() or False in model.gates()
+    float(loss)  # the instrument does see a read
+    assert _DeviceArray.reads == ["float"]

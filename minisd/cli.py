@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
+import warnings
 
 from minisd import backend, models
 
@@ -165,6 +167,9 @@ def _cmd_evaluate(args) -> int:
     if os.path.isdir(path):
         path = os.path.join(path, "best.npz")
     out = train.evaluate_checkpoint(path, args.split, data_dir=args.data_dir, backend_name=args.backend)
+    if not math.isfinite(out["loss"]):
+        return _error(f"{path} gives a non-finite loss on the {out['split']} split (accuracy {100 * out['acc']:.2f}%): "
+                      "its weights are finite but overflow in the forward pass (the run diverged)")
     print(f"{out['dataset']} {out['split']}: accuracy {100 * out['acc']:.2f}%, loss {out['loss']:.4f} "
           f"({out['images']} images; ResNet-{out['depth']}, schedule {out['schedule']}, {path})")
     return 0
@@ -252,6 +257,9 @@ def main(argv=None) -> int:
         return 0
     from minisd import data, train  # noqa: PLC0415
 
+    # NumPy's overflow warnings would bury the one line: training and evaluation check for
+    # non-finite losses and weights themselves and say where it happened.
+    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
     try:
         problem = _environment_problem(getattr(args, "backend", None))
         if problem:

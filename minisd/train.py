@@ -676,6 +676,7 @@ class _Trainer:
         self.saved_at = None  # (epoch, step) of the last save of last.npz
         # Wall time of the run: earlier sessions (from the checkpoint) plus this one.
         self.wall_before, self.session_start = 0.0, time.perf_counter()
+        self.finished_before = False  # set by restore(): the checkpoint is the end of the last epoch
 
     @staticmethod
     def _empty_partial():
@@ -709,6 +710,15 @@ class _Trainer:
 
     def wall_time(self) -> float:
         return self.wall_before + (time.perf_counter() - self.session_start)
+
+    def _finished_wall_time(self) -> float:
+        """The run's wall time for summary.json. Resuming a run that had already finished only
+        evaluates again: its summary keeps the time the run took."""
+        if self.finished_before:
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                with open(self.path("summary.json"), encoding="utf-8") as handle:
+                    return float(json.load(handle)["wall_time_s"])
+        return self.wall_time()
 
     def save(self, name) -> str:
         """Save a checkpoint; a second Ctrl-C waits for it. Non-finite weights stop the run instead."""
@@ -749,6 +759,7 @@ class _Trainer:
                                   f"edited ({type(exc).__name__}: {exc})") from None
         self.last_good = (path, self.epoch, self.step)
         self.saved_at = (self.epoch, self.step)
+        self.finished_before = self.epoch == self.settings.epochs
 
     # ---- files ----------------------------------------------------------------------------------
 
@@ -926,7 +937,7 @@ class _Trainer:
                 f"interrupted during the final test evaluation; all {self.settings.epochs} epochs are saved in "
                 f"{self.path('last.npz')}\nresume with: minisd train --resume {self.run_dir}",
                 checkpoint=self.path("last.npz"), run_dir=self.run_dir) from None
-        wall_time = self.wall_time()
+        wall_time = self._finished_wall_time()
         best_epoch = meta.get("best_epoch")
         summary = {"test_acc": test_acc, "test_loss": test_loss, "best_epoch": best_epoch,
                    "best_val_acc": meta.get("best_val_acc"), "epochs": self.settings.epochs,
@@ -1029,6 +1040,7 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
     fresh = False
     if os.path.isdir(path):
         run_dir = path
+        _check_not_in_use(run_dir)
         # last.npz is written right after best.npz at every epoch end, so a folder holding only
         # best.npz was stopped between the two, and best.npz holds that same position.
         candidates = [os.path.join(path, n) for n in ("last.npz", "best.npz")]
@@ -1040,7 +1052,7 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
     else:
         checkpoint = path
         run_dir = os.path.dirname(os.path.abspath(checkpoint))
-    _check_not_in_use(run_dir)
+        _check_not_in_use(run_dir)
     if fresh:
         settings = _read_settings_json(run_dir)
     else:

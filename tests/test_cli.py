@@ -287,3 +287,26 @@ def test_hand_edited_checkpoint_metadata_gives_one_line(tmp_path, capsys, finish
         else:
             line = one_error_line(capsys, code)
             assert line.startswith("minisd: error: ") and "checkpoint" in line, line
+
+
+def test_a_second_run_in_a_busy_folder_refuses_in_one_line_and_a_dead_run_frees_it(tmp_path, capsys):
+    """The folder's lock belongs to a live process: a second run (or resume) is refused before it
+    writes anything; once that process dies, even by kill -9, the folder is free."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from minisd import train\n"
+         "with train._run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = one_error_line(capsys, cli.main(["train", *TINY, "--out", str(run)]))
+        assert line == (f"minisd: error: {run} is in use by another minisd run (process {holder.pid}); "
+                        "wait for it to finish or choose another --out")
+        line = one_error_line(capsys, cli.main(["train", "--resume", str(run)]))
+        assert f"{run} is in use by another minisd run (process {holder.pid})" in line
+        assert os.listdir(run) == [".lock"]  # nothing was written
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait(timeout=60)
+    assert cli.main(["train", *TINY, "--out", str(run)]) == 0
+    assert "test accuracy" in capsys.readouterr().out

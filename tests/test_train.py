@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import sys
 
 import numpy as np
@@ -207,12 +209,25 @@ def test_run_folder_is_not_overwritten(reference):
 
 
 def test_evaluate_runs_every_branch_and_restores_the_mode(rng):
-    model = models.resnet_cifar(depth=8, in_channels=1, final_survival=0.0, schedule="uniform")
-    split = data.Split(rng.standard_normal((10, 1, 8, 8)).astype(np.float32), np.arange(10) % 10).to()
+    """Even with every gate forced off for training, evaluation runs each branch on each batch
+    (scaled by p_l), and gives the loss and accuracy of the eval-mode forward."""
+    from helpers import count_calls
+
+    model = models.resnet_cifar(depth=8, in_channels=1, final_survival=0.5, schedule="linear")
+    model.force_gates(False)
+    calls = [count_calls(block.branch, "forward") for block in model.blocks]
+    x = rng.standard_normal((10, 1, 8, 8)).astype(np.float32)
+    split = data.Split(x, np.arange(10) % 10).to()
     model.train()
     loss, acc = train.evaluate(model, split, batch_size=4)
-    assert model.training and np.isfinite(loss) and 0 <= acc <= 1
+    assert [len(c) for c in calls] == [3, 3, 3]  # every branch, on each of the 3 batches
+    assert not any(block.branch_skipped for block in model.blocks)
+    assert model.training
     model.eval()
+    logits = model(backend.to_device(x))
+    expected_loss, _ = F.softmax_cross_entropy_forward(logits, split.y)
+    expected_acc = float(np.mean(backend.to_numpy(logits).argmax(axis=1) == np.arange(10) % 10))
+    assert loss == pytest.approx(float(expected_loss), rel=1e-5) and acc == pytest.approx(expected_acc)
     train.evaluate(model, split)
     assert not model.training
 
@@ -329,3 +344,188 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     assert True in model.gates() or False in model.gates()
     float(loss)  # the instrument does see a read
     assert _DeviceArray.reads == ["float"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite weights, reused folders, Ctrl-C, files
+# ------------------------------------------------------------------------------------------------
+
+
+def _poison_after(monkeypatch, step, where="bn1"):
+    """After the optimizer's ``step``-th update, make a batch-norm running variance infinite: the
+    training loss stays finite (training uses batch statistics), the weights do not."""
+    original = optim.SGD.step
+    calls = {"n": 0}
+
+    def poisoned(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == step:
+            getattr(self.model, where).buffers["running_var"][0] = np.inf
+
+    monkeypatch.setattr(optim.SGD, "step", poisoned)
+
+
+def _all_finite(path):
+    with np.load(path, allow_pickle=False) as archive:
+        return all(np.isfinite(archive[k]).all() for k in archive.files if archive[k].dtype.kind == "f")
+
+
+def test_non_finite_weights_are_never_saved_and_the_message_names_the_last_finite_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _poison_after(monkeypatch, 5)  # epoch 2 of 3 steps each
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite weights at the end of epoch 2 \(1 array: "
+                                                        r"model.bn1.running_var\).*the last finite checkpoint is "
+                                                        r".*last.npz \(end of epoch 1\)"):
+        quiet_fit(tiny(epochs=3), run)
+    for name in ("last.npz", "best.npz"):
+        assert _all_finite(run / name)
+    assert train.load_checkpoint(run / "last.npz")[2]["epoch"] == 1
+
+
+def test_non_finite_weights_in_the_first_epoch_leave_a_folder_to_reuse(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _poison_after(monkeypatch, 2)
+    with pytest.raises(train.NonFiniteLossError, match="no checkpoint was written, so .* holds nothing to resume"):
+        quiet_fit(tiny(epochs=1), run)
+    assert not (run / "last.npz").exists() and not (run / "best.npz").exists()
+    monkeypatch.undo()
+    lines = []
+    result = quiet_fit(tiny(epochs=1), run, lines)  # the same command again: the folder is reused
+    assert len(result.history) == 1 and any(line.startswith(f"reusing {run}") for line in lines)
+
+
+def test_checkpoints_with_non_finite_values_are_neither_written_nor_loaded(tmp_path):
+    model = models.resnet_cifar(depth=8, in_channels=1)
+    model.bn1.buffers["running_var"][1] = np.nan
+    with pytest.raises(train.NonFiniteCheckpointError, match=r"not saving .*c.npz: non-finite values in 1 array: "
+                                                              r"model.bn1.running_var"):
+        train.save_checkpoint(tmp_path / "c.npz", model)
+    assert os.listdir(tmp_path) == []  # not even a temporary file
+    # one written by an older minisd (or by hand) is refused when loaded: no evaluation, no resume
+    arrays = {f"model.{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
+    np.savez(tmp_path / "old.npz", meta=np.array(json.dumps({"format": train.CHECKPOINT_FORMAT})), **arrays)
+    with pytest.raises(train.NonFiniteCheckpointError, match="holds non-finite values .*cannot be evaluated or resumed"):
+        train.load_checkpoint(tmp_path / "old.npz")
+
+
+def test_a_folder_without_a_checkpoint_is_reused_or_resumed_as_a_fresh_start(tmp_path, reference):
+    """What a run killed in its first epoch leaves (settings, an empty metrics log, a partial save)
+    can be used again: by the same command, or by --resume, which starts over from settings.json."""
+    full, _, _ = reference
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps(tiny(epochs=3).to_dict()))
+    (run / "metrics.jsonl").write_text("")
+    (run / ".tmp-0123abcd.npz").write_bytes(b"PK\x03\x04 half a zip")
+    lines = []
+    resumed = train.resume(run, log=lines.append, progress=False)
+    assert any("no checkpoint in" in line and "starting it again from the beginning" in line for line in lines)
+    assert any(line.startswith("removed 1 partial file") for line in lines)
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    assert without_time(resumed.history) == without_time(full.history)
+    assert resumed.test_acc == full.test_acc
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(train.CheckpointError, match="nothing to resume in .*empty: no checkpoint"):
+        train.resume(empty, progress=False)
+
+
+def test_ctrl_c_is_acknowledged_at_once(tmp_path, monkeypatch):
+    events = []
+    original = optim.SGD.step
+
+    def step(self):
+        original(self)
+        events.append("step")
+        if len(events) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            events.append("after the signal")
+
+    monkeypatch.setattr(optim.SGD, "step", step)
+
+    def log(line):
+        if line.startswith("Ctrl-C"):
+            events.append(line)
+
+    with pytest.raises(train.TrainingInterrupted):
+        train.fit(tiny(epochs=1), run_dir=tmp_path / "run", log=log, progress=False)
+    assert events[0] == "step" and events[1].startswith("Ctrl-C: saving a checkpoint at the next safe point")
+    assert events[2:] == ["after the signal"]  # said before anything else ran, and no further step
+
+
+@pytest.mark.parametrize("which", ["validation-of-the-last-epoch", "final-test-evaluation"])
+def test_ctrl_c_during_evaluation_stops_and_resumes_exactly(tmp_path, monkeypatch, reference, which):
+    full, full_dir, _ = reference
+    original = train.evaluate
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (3 if which.startswith("validation") else 4):  # 3 validations, then the test split
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    run = tmp_path / "run"
+    with pytest.raises(train.TrainingInterrupted, match="resume with: minisd train --resume") as info:
+        quiet_fit(tiny(epochs=3), run)
+    meta = train.load_checkpoint(run / "last.npz")[2]
+    if which.startswith("validation"):
+        assert (meta["epoch"], meta["step"]) == (2, 3)  # the epoch's steps are done, its validation is not
+    else:
+        assert "during the final test evaluation" in str(info.value) and (meta["epoch"], meta["step"]) == (3, 0)
+        assert not (run / "summary.json").exists()
+    monkeypatch.undo()
+    resumed = train.resume(run, log=lambda line: None, progress=False)
+    assert without_time(resumed.history) == without_time(full.history)
+    assert resumed.test_acc == full.test_acc
+    assert_same_checkpoint_state(full_dir / "last.npz", run / "last.npz")
+
+
+def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, monkeypatch):
+    _interrupt_when(monkeypatch, 1)  # the first press, after step 1
+    original = train.save_checkpoint
+    lines = []
+
+    def save_checkpoint(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second press, as the save starts
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(train.TrainingInterrupted):  # not KeyboardInterrupt: the save finished
+        train.fit(tiny(epochs=1), run_dir=run, log=lines.append, progress=False)
+    assert any("a checkpoint is being written; stopping as soon as it is complete" in line for line in lines)
+    meta = train.load_checkpoint(run / "last.npz")[2]
+    assert (meta["epoch"], meta["step"]) == (0, 1)
+
+
+def test_run_files_share_one_mode_and_the_folder_is_synced(tmp_path, monkeypatch, reference):
+    run = reference[1]
+    mode = os.stat(run / "settings.json").st_mode & 0o777
+    for name in ("last.npz", "best.npz", "curves.png", "summary.json", "metrics.jsonl"):
+        assert os.stat(run / name).st_mode & 0o777 == mode, name
+    synced = []
+    original = os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if _is_dir_fd(fd) else "file")
+        return original(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train.save_checkpoint(tmp_path / "c.npz", models.resnet_cifar(depth=8, in_channels=1))
+    assert synced == ["file", "folder"]  # the data, then the rename
+
+
+def _is_dir_fd(fd):
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def test_resuming_a_finished_run_keeps_its_wall_time(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference[1], run)
+    before = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    train.resume(run, log=lambda line: None, progress=False)
+    after = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    assert after == before  # the time the run took, not the seconds of the evaluation done again

@@ -23,7 +23,7 @@ on it; the fast tier does (see its docstring).
 """
 from __future__ import annotations
 
-from minisd.backend import array_module
+from minisd.backend import array_module, is_device_array
 
 __all__ = [
     "conv_output_size",

@@ -754,6 +754,8 @@ class _Trainer:
             self.wall_before = float(meta.get("wall_time_s", 0.0))
             _set_rng_state(self.model.gate_rng, meta["rng"]["gate_rng"])
             _set_rng_state(backend.host_rng(), meta["rng"]["host_rng"])
+        except CheckpointError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CheckpointError(f"checkpoint {path} lacks the training state needed to resume, or it was "
                                   f"edited ({type(exc).__name__}: {exc})") from None
@@ -920,7 +922,7 @@ class _Trainer:
         where = (f"at the end of epoch {self.epoch}" if self.step == 0
                  else f"in epoch {self.epoch + 1} after step {self.step}")
         raise NonFiniteLossError(
-            f"non-finite weights {where} ({_describe_names(names)}) although the loss was finite; training "
+            f"non-finite weights {where} ({_describe_names(names)}) after an update whose loss was finite; training "
             f"stopped without saving them; {self._last_finite_checkpoint()}.")
 
     def finish(self) -> RunResult:

@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 
-from minisd import backend, models
+from minisd import backend, kernels, models
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -67,7 +67,13 @@ def _depth(text):
 
 
 # Options of `train` whose value may differ on --resume (everything else comes from the checkpoint).
-_RESUME_OVERRIDABLE = ("backend", "data_dir")
+_RESUME_OVERRIDABLE = ("backend", "kernels", "data_dir")
+
+
+def _add_kernels(p):
+    p.add_argument("--kernels", choices=tuple(kernels.TIERS),
+                   help="kernel tier: fast (default, or $MINISD_KERNELS) or reference, the textbook code "
+                        "of minisd/functional.py (same results, several times slower)")
 
 
 def _add_train(sub):
@@ -108,6 +114,7 @@ def _add_train(sub):
     p.add_argument("--val-size", type=_count, metavar="N", help="hold out N training images for validation "
                    "(default: 180 for digits, 5000 for cifar10, the paper's 45k/5k split)")
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy, or $MINISD_BACKEND)")
+    _add_kernels(p)
     p.add_argument("--seed", type=_seed, help=f"default {d.seed}")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-resnet<depth>-<schedule>-seed<seed>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or from this checkpoint file)")
@@ -124,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--data-dir", help="where the CIFAR-10 files are now, if they moved")
     p.add_argument("--backend", choices=("numpy", "cupy"))
+    _add_kernels(p)
     p = sub.add_parser("gradcheck", help="finite-difference check of a small ResNet with dropped blocks",
                        description="Directional gradient check (float64) of a small ResNet with a fixed mix "
                                    "of kept and dropped blocks.")
     p.add_argument("--depth", type=_depth, default=14)
     p.add_argument("--seed", type=_seed, default=0)
+    _add_kernels(p)
     sub.add_parser("bench", help="timings (arguments go to minisd.bench)", add_help=False)
     return parser
 
@@ -149,9 +158,9 @@ def _cmd_train(args, parser) -> int:
         if extra:
             options = ", ".join("--" + k.replace("_", "-") for k in extra)
             return _error(f"--resume continues with the checkpoint's settings; drop {options} "
-                          "(only --backend and --data-dir may change)")
+                          "(only --backend, --kernels and --data-dir may change)")
         result = train.resume(args.resume, progress=progress, backend_name=given.get("backend"),
-                              data_dir=given.get("data_dir"))
+                              data_dir=given.get("data_dir"), kernels_name=given.get("kernels"))
     else:
         settings = train.Settings(**given)
         result = train.fit(settings, run_dir=args.out, progress=progress)
@@ -184,7 +193,7 @@ def _cmd_gradcheck(args) -> int:
     gates = [(i % 3) != 1 for i in range(len(model.blocks))]  # keep, drop, keep, keep, drop, ...
     model.force_gates(gates)
     x = backend.to_device(numpy.random.default_rng(args.seed).standard_normal((4, 3, 8, 8)))
-    print(f"ResNet-{args.depth}, float64, {len(model.blocks)} blocks, gates: "
+    print(f"ResNet-{args.depth}, float64, {kernels.active()} kernels, {len(model.blocks)} blocks, gates: "
           + "".join("K" if g else "d" for g in gates) + " (K kept, d dropped)")
     result = gradcheck.directional_check(model, x)
     print(result.report())
@@ -228,10 +237,10 @@ def _cmd_bench(argv) -> int:
     return int(bench.main(argv) or 0)
 
 
-def _environment_problem(backend_option) -> str | None:
-    """One line about a bad MINISD_NUM_THREADS or MINISD_BACKEND (None if both are fine).
+def _environment_problem(backend_option, kernels_option=None) -> str | None:
+    """One line about a bad MINISD_NUM_THREADS, MINISD_BACKEND or MINISD_KERNELS (None if all are fine).
 
-    A --backend option replaces MINISD_BACKEND, even one that names no backend.
+    A --backend option replaces MINISD_BACKEND, even one that names no backend; --kernels likewise.
     """
     threads = os.environ.get("MINISD_NUM_THREADS", "").strip()
     if threads and not (threads.isdigit() and int(threads) >= 1):
@@ -242,6 +251,10 @@ def _environment_problem(backend_option) -> str | None:
         else:
             backend.name()  # raises what MINISD_BACKEND asked for and could not get
     except (ValueError, backend.BackendUnavailable) as exc:
+        return str(exc)
+    try:
+        kernels.use(kernels_option) if kernels_option else kernels.active()
+    except ValueError as exc:  # a MINISD_KERNELS that names no tier
         return str(exc)
     return None
 
@@ -261,7 +274,7 @@ def main(argv=None) -> int:
     # non-finite losses and weights themselves and say where it happened.
     warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
     try:
-        problem = _environment_problem(getattr(args, "backend", None))
+        problem = _environment_problem(getattr(args, "backend", None), getattr(args, "kernels", None))
         if problem:
             return _error(problem)
         if args.command == "train":

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - Windows: run folders are not locked th
 
 import numpy
 
-from minisd import backend, data, models, optim
+from minisd import backend, data, kernels, models, optim
 from minisd import functional as F
 from minisd.residual import MODES, SCALES, SCHEDULES
 
@@ -143,6 +143,7 @@ class Settings:
     train_subset: int | None = None  # train on the first N training images only (quick tries, tests)
     eval_batch_size: int = 500
     backend: str | None = None      # None: the current backend (MINISD_BACKEND or numpy)
+    kernels: str | None = None      # None: the tier in force (MINISD_KERNELS or fast); "reference" is slow
     seed: int = 0
 
     def validate(self) -> "Settings":
@@ -176,6 +177,8 @@ class Settings:
             bad(f"unknown learning-rate schedule {self.lr_schedule!r}; expected one of {', '.join(optim.LR_SCHEDULES)}")
         if self.backend is not None and self.backend not in backend.BACKENDS:
             bad(f"unknown backend {self.backend!r}; expected one of {', '.join(backend.BACKENDS)}")
+        if self.kernels is not None and self.kernels not in kernels.TIERS:
+            bad(f"unknown kernel tier {self.kernels!r}; expected one of {', '.join(kernels.TIERS)}")
         if self.translate is not None and self.translate < 0:
             bad(f"translate must be >= 0 pixels, got {self.translate}")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -644,6 +647,10 @@ class _Trainer:
         if settings.backend is not None:
             backend.use(settings.backend)  # also replaces a MINISD_BACKEND that could not be used
         settings.backend = backend.name()
+        # The tier is part of the run: both give the same results up to rounding, but a resumed
+        # run continues bit for bit only on the tier it started on.
+        kernels.use(settings.kernels or kernels.active())
+        settings.kernels = kernels.active()
         backend.seed(settings.seed)
         if settings.data_dir is not None:
             settings.data_dir = os.path.abspath(os.fspath(settings.data_dir))
@@ -1030,11 +1037,12 @@ def _read_settings_json(run_dir) -> Settings:
         raise RunFolderError(f"{path}: {exc}") from None
 
 
-def resume(path, log=_print, progress=None, backend_name: str | None = None, data_dir=None) -> RunResult:
+def resume(path, log=_print, progress=None, backend_name: str | None = None, data_dir=None,
+           kernels_name: str | None = None) -> RunResult:
     """Continue a run from a run folder (its last.npz) or a checkpoint file, exactly where it stopped.
 
-    The settings come from the checkpoint; ``backend_name`` and ``data_dir`` may differ (a run
-    moved to a GPU, or data moved to another folder). Files are written to the checkpoint's folder.
+    The settings come from the checkpoint; ``backend_name``, ``kernels_name`` and ``data_dir`` may
+    differ (a run moved to a GPU or to the other kernel tier, or data moved to another folder). Files are written to the checkpoint's folder.
     A run folder without a checkpoint but with its settings.json (the run died in its first epoch)
     starts again from the beginning with those settings.
     """
@@ -1062,6 +1070,8 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
         settings = _settings_from_meta(meta, checkpoint)
     if backend_name is not None:
         settings.backend = backend_name
+    if kernels_name is not None:
+        settings.kernels = kernels_name
     if data_dir is not None:
         settings.data_dir = os.fspath(data_dir)
     trainer = _Trainer(settings, run_dir, log, progress)

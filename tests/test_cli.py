@@ -310,3 +310,34 @@ def test_a_second_run_in_a_busy_folder_refuses_in_one_line_and_a_dead_run_frees_
         holder.wait(timeout=60)
     assert cli.main(["train", *TINY, "--out", str(run)]) == 0
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_train_on_the_reference_kernels_records_the_tier_and_resumes_on_it(tmp_path, capsys, monkeypatch):
+    """--kernels reference runs the textbook code (no fast kernel is called) and the run folder
+    says so; a resume continues on the recorded tier."""
+    from minisd import kernels
+    from minisd.kernels import fast
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fast kernel ran in a --kernels reference run")
+
+    for name in kernels.PAIRS:
+        monkeypatch.setattr(fast, name, refuse)
+    run = str(tmp_path / "ref")
+    assert cli.main(["train", *TINY, "--kernels", "reference", "--out", run]) == 0
+    with open(os.path.join(run, "settings.json")) as handle:
+        assert json.load(handle)["kernels"] == "reference"
+    kernels.use("fast")
+    assert cli.main(["train", "--resume", run, "--quiet"]) == 0  # finished: nothing left, but settings load
+    assert kernels.active() == "reference"
+
+
+def test_a_bad_minisd_kernels_gives_one_line_and_kernels_option_overrides_it(monkeypatch, capsys):
+    from minisd import kernels
+
+    monkeypatch.setenv("MINISD_KERNELS", "quick")
+    monkeypatch.setitem(kernels._state, "active", None)  # as in a new process: the variable is read again
+    line = one_error_line(capsys, cli.main(["gradcheck", "--depth", "8"]))
+    assert "MINISD_KERNELS: unknown tier 'quick'; expected one of reference, fast" in line
+    assert cli.main(["gradcheck", "--depth", "8", "--kernels", "reference"]) == 0
+    assert "reference kernels" in capsys.readouterr().out

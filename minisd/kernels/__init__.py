@@ -95,7 +95,9 @@ class use:
 
     def __init__(self, name: str):
         self.name = _checked(name)
-        self.previous = active()
+        # What was in force, without reading MINISD_KERNELS: an explicit choice overrides a bad
+        # variable (None comes back as "not chosen yet").
+        self.previous = _state["active"]
         tier(self.name)  # import now, so a broken tier fails here and not inside a training step
         _state["active"] = self.name
 

@@ -840,10 +840,11 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     solid, solid_colours, solid_widths, dashed = [], [], [], []
     joins_x, joins_y = [], []
 
-    def spot(x0, y0, w, h):
+    def spot(x0, y0, w, h, arrow_left=False):
         ax.add_patch(Rectangle((x0, y0), w, h, facecolor=HIGHLIGHT_COLOR, edgecolor="black", lw=2.0, zorder=0.5))
         arrow = "\u25bc" if highlight.phase == "forward" else "\u25b2"  # down in forward, up in backward
-        ax.text(x0 + w + 0.01, y0 + h / 2, arrow, ha="left", va="center", fontsize=text_size + 3, zorder=6)
+        ax.text(x0 - 0.01 if arrow_left else x0 + w + 0.01, y0 + h / 2, arrow, ha="right" if arrow_left else "left",
+                va="center", fontsize=text_size + 3, zorder=6)
 
     for column, (stage, ks) in enumerate(stages):
         x0 = column * width
@@ -884,7 +885,7 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
                 if place.part == "branch":
                     spot(box_x - 0.04, y0 - 0.82, box_w + 0.08, 0.64)
                 elif place.part == "shortcut":
-                    spot(main - 0.1, y0 - 0.9, 0.2, 0.8)
+                    spot(main - 0.1, y0 - 0.9, 0.2, 0.8, arrow_left=True)
                 else:
                     spot(x0 + 0.02, y0 - 0.98, width - 0.1, 0.96)
 
@@ -917,7 +918,7 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     ax.plot(joins_x, joins_y, "o", ms=4.5, mfc="white", mec="black", mew=1.0, ls="", zorder=4)
     if place is not None and place.region in ("model", "stage"):
         ax.set_facecolor("#FFF8D6")  # the whole network (or a stage) is the current call
-    ax.set_xlim(-0.05, len(stages) * width)
+    ax.set_xlim(-0.1, len(stages) * width)
     ax.set_ylim(-rows - 1.05, 1.75)
     _bare(ax)
     n_dropped = sum(1 for b in data["blocks"] if b["gate"] == "dropped")

@@ -84,6 +84,7 @@ class Stepper:
         self._limits = self._map_data = self._map_norm = None  # computed at the first picture
         self._pngs: OrderedDict[int, bytes] = OrderedDict()   # recent frames, for quick back-and-forth
         self._lock = threading.RLock()  # widget callbacks may arrive on several threads at once
+        self._prefetching = False
 
     # ---- where we are ------------------------------------------------------------------------
 
@@ -237,6 +238,26 @@ class Stepper:
                 self._pngs.popitem(last=False)
             return data
 
+    def _prefetch(self, indices) -> None:
+        """Draw the likely next steps (``indices``: next, next dropped block) on a background thread
+        while the student looks at this one, so the usual click finds its picture ready. One
+        thread at a time; the lock in png() keeps it from drawing beside a click's own drawing."""
+        todo = [i for i in dict.fromkeys(indices) if i is not None and i != self.position and i not in self._pngs]
+        if not todo or self._prefetching:
+            return
+
+        def draw():
+            try:
+                for index in todo:
+                    self.png(index + 1)
+            except Exception:  # noqa: BLE001  (a guess that failed; the click that needs it draws and reports)
+                pass
+            finally:
+                self._prefetching = False
+
+        self._prefetching = True
+        threading.Thread(target=draw, name="minisd-stepper-prefetch", daemon=True).start()
+
     def show(self) -> None:
         """Show the current step: build its picture first, then print the text and show the picture."""
         png = self.png() if self.draw and _in_notebook() else None
@@ -262,12 +283,12 @@ class Stepper:
             self.position = self._after(1)
         previous = widgets.Button(description="\u25c0 previous", layout=widgets.Layout(width="110px"))
         following = widgets.Button(description="next \u25b6", layout=widgets.Layout(width="110px"))
-        dropped = widgets.Button(description="next dropped block \u23ed", layout=widgets.Layout(width="190px"))
+        dropped = widgets.Button(description="next dropped block \u00bb", layout=widgets.Layout(width="190px"))
         slider = widgets.SelectionSlider(options=[("1", 0)], description="step", continuous_update=False,
                                          layout=widgets.Layout(width="420px"))
         phase = widgets.ToggleButtons(options=[("both", "both"), ("forward", "forward"), ("backward", "backward")],
                                       value=self.phase, description="phase",
-                                      style={"button_width": "80px"})
+                                      style={"button_width": "90px"})
         blocks = widgets.Checkbox(value=self.blocks_only, description="blocks only", indent=False,
                                   layout=widgets.Layout(width="120px"))
         text = widgets.HTML(layout=widgets.Layout(height="9.5em", overflow="auto"))
@@ -296,6 +317,8 @@ class Stepper:
             previous.disabled = not visible or self.position <= visible[0]
             following.disabled = not visible or self.position >= visible[-1]
             dropped.disabled = self.next_dropped_index() is None
+            if self.draw:
+                self._prefetch([self._after(1), self.next_dropped_index()])
 
         def move_to(target):
             """target: a function of the current position giving the new one; called under the lock,

@@ -10,9 +10,9 @@ Fonts are sized for a projector (about 13 pt at the figure's natural size).
 * :func:`training_curves`     loss, accuracy and time per epoch of runs side by side (metrics.jsonl)
 * :func:`conv_filters`        the kernels of a convolution
 * :func:`feature_maps`        what a few layers of a model make of one image
-* :func:`trace_event`         one traced event: the arrays that went in and came out
 * :func:`network`             a map of a traced network: blocks, dropped branches, gradient per edge
 * :func:`stepper_frame`       what the stepper (minisd.stepper) shows: an event beside the map
+* :func:`trace_event`         the picture the trace stepper draws for one event
 """
 from __future__ import annotations
 

@@ -72,11 +72,13 @@ def execute(path: str, solved: bool = False, timeout: int = 300):
     from nbclient import NotebookClient  # noqa: PLC0415
 
     nb = read(path)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # no timestamps: a re-run changes only what changed
     if solved:
         nb = fill_in(nb, path)
     env_backend = os.environ.pop("MPLBACKEND", None)
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, record_timing=False,
                        resources={"metadata": {"path": os.path.dirname(path)}}).execute()
     finally:
         if env_backend is not None:

@@ -109,7 +109,8 @@ class Stepper:
     def view(self, phase: str | None = None, blocks_only: bool | None = None, show: bool = True) -> None:
         """Choose which steps are visited: phase "both", "forward" or "backward", and blocks only or not.
 
-        If the current step is hidden by the new view, moves to the next visible one (or the last).
+        If the new view hides the current step, moves to the same layer in the other phase, else to
+        the residual block that holds it, else to the next visible step.
         """
         if phase is not None:
             if phase not in VIEW_PHASES:
@@ -146,12 +147,15 @@ class Stepper:
                              f"the trace has {len(self.trace.events)} events)")
         if self.position < 0:
             return visible[min(max(n, 1), len(visible)) - 1]
-        if n >= 0:
+        if self.position not in visible and n == 0:
+            return self._nearest_in_view(visible)
+        if n > 0:
             ahead = [i for i in visible if i > self.position]
-            return ahead[min(n, len(ahead)) - 1] if ahead and n > 0 else (self.position if self.position in visible
-                                                                           else visible[-1])
-        behind = [i for i in visible if i < self.position]
-        return behind[max(n, -len(behind))] if behind else visible[0]
+            return ahead[min(n, len(ahead)) - 1] if ahead else max(i for i in visible if i <= self.position)
+        if n < 0:
+            behind = [i for i in visible if i < self.position]
+            return behind[max(n, -len(behind))] if behind else visible[0]
+        return self.position
 
     def next_dropped_index(self) -> int | None:
         """Index of the next visible residual block whose branch was dropped, after the current step."""

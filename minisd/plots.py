@@ -806,6 +806,63 @@ def _gate_label(block) -> str:
     return " ".join(part for part in (_short_block_label(block["name"]), b, p) if part)
 
 
+_COLUMN_WIDTH = 1.15  # map coordinates: one column per stage, one unit per block row
+_MAIN_DX = 0.14       # the main line's x inside a column
+_STEM_Y = 1.3         # the stem box's centre, above the first row
+
+
+def _map_text_size(data) -> float:
+    rows = max([len(ks) for _, ks in data["stages"]] or [1])
+    return 10 if rows <= 9 else 8 if rows <= 14 else 6.5
+
+
+def _highlight_box(data, place):
+    """Where the map marks ``place``: (x, y, width, height, arrow on the left) in map coordinates,
+    "all" for the whole network or a stage, or None."""
+    if place is None:
+        return None
+    if place.region in ("model", "stage"):
+        return "all"
+    stages = data["stages"] or [("", [])]
+    if place.region == "stem":
+        return (-0.02, _STEM_Y - 0.38, 1.16, 0.76, False) if data["stem"] else None
+    if place.region == "head":
+        last_rows = len(stages[-1][1])
+        return ((len(stages) - 1) * _COLUMN_WIDTH - 0.02, -last_rows - 0.98, 1.16, 0.76, False) if data["head"] else None
+    for column, (_, ks) in enumerate(stages):
+        if place.block in ks:
+            x0, y0 = column * _COLUMN_WIDTH, -ks.index(place.block)
+            if place.part == "branch":
+                return (x0 + 0.23, y0 - 0.82, 0.83, 0.64, False)
+            if place.part == "shortcut":
+                return (x0 + _MAIN_DX - 0.1, y0 - 0.9, 0.2, 0.8, True)
+            return (x0 + 0.02, y0 - 0.98, _COLUMN_WIDTH - 0.1, 0.96, False)
+    return None
+
+
+def _mark(ax, box, phase, text_size, to_axes=None):
+    """Mark the current place on top of the map: a translucent box with a black frame, and an
+    arrow down (forward) or up (backward) beside it. ``to_axes`` maps map coordinates to the
+    coordinates of ``ax`` (for a map pasted as pixels); None: ax is the map itself."""
+    import matplotlib  # noqa: PLC0415
+    from matplotlib.patches import Rectangle  # noqa: PLC0415
+
+    if box is None:
+        return
+    if box == "all":
+        ax.patch.set_facecolor("#FFF8D6")  # the whole network (or a stage) is the current call
+        return
+    x, y, w, h, arrow_left = box
+    to_axes = to_axes or (lambda px, py: (px, py))
+    (ax0, ay0), (ax1, ay1) = to_axes(x, y), to_axes(x + w, y + h)
+    ax.add_patch(Rectangle((min(ax0, ax1), min(ay0, ay1)), abs(ax1 - ax0), abs(ay1 - ay0),
+                           facecolor=matplotlib.colors.to_rgba(HIGHLIGHT_COLOR, 0.45), edgecolor="black", lw=2.0,
+                           zorder=5))
+    arrow = "\u25bc" if phase == "forward" else "\u25b2"
+    tx, ty = to_axes(x - 0.01 if arrow_left else x + w + 0.01, y + h / 2)
+    ax.text(tx, ty, arrow, ha="right" if arrow_left else "left", va="center", fontsize=text_size + 3, zorder=6)
+
+
 def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     """Draw the network map into ``ax`` (and its colour bar into ``cax``); see :func:`network`.
 
@@ -817,7 +874,7 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     """
     import matplotlib  # noqa: PLC0415
     from matplotlib.collections import LineCollection  # noqa: PLC0415
-    from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: PLC0415
+    from matplotlib.patches import FancyBboxPatch  # noqa: PLC0415
 
     data = data if data is not None else network_data(trace)
     norm = norm if norm is not None else _flow_norm(data)
@@ -832,19 +889,12 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     edge_colours = [{key: (tuple(rgba[k, j]) if rgba is not None and usable[k, j] else grey)
                      for j, key in enumerate(keys)} for k in range(len(data["blocks"]))]
 
-    place = trace.place(highlight) if highlight is not None else None
     stages = data["stages"] or [("", [])]
     rows = max(len(ks) for _, ks in stages)
-    text_size = 10 if rows <= 9 else 8 if rows <= 14 else 6.5
-    main_dx, width = 0.14, 1.15
+    text_size = _map_text_size(data)
+    main_dx, width = _MAIN_DX, _COLUMN_WIDTH
     solid, solid_colours, solid_widths, dashed = [], [], [], []
     joins_x, joins_y = [], []
-
-    def spot(x0, y0, w, h, arrow_left=False):
-        ax.add_patch(Rectangle((x0, y0), w, h, facecolor=HIGHLIGHT_COLOR, edgecolor="black", lw=2.0, zorder=0.5))
-        arrow = "\u25bc" if highlight.phase == "forward" else "\u25b2"  # down in forward, up in backward
-        ax.text(x0 - 0.01 if arrow_left else x0 + w + 0.01, y0 + h / 2, arrow, ha="right" if arrow_left else "left",
-                va="center", fontsize=text_size + 3, zorder=6)
 
     for column, (stage, ks) in enumerate(stages):
         x0 = column * width
@@ -881,15 +931,8 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
                     bbox=dict(facecolor="#E8E8E8", edgecolor="none", pad=0.3) if dropped else None)
             joins_x.append(main)
             joins_y.append(y0 - 0.85)
-            if place is not None and place.region == "block" and place.block == k:
-                if place.part == "branch":
-                    spot(box_x - 0.04, y0 - 0.82, box_w + 0.08, 0.64)
-                elif place.part == "shortcut":
-                    spot(main - 0.1, y0 - 0.9, 0.2, 0.8, arrow_left=True)
-                else:
-                    spot(x0 + 0.02, y0 - 0.98, width - 0.1, 0.96)
 
-    def end_box(y, names, what, column, highlighted):
+    def end_box(y, names, what, column):
         if not names:
             return
         x0 = column * width
@@ -897,12 +940,10 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
                                     facecolor="#F2F2F2", edgecolor="black", lw=1.2, zorder=3))
         ax.text(x0 + 0.56, y, f"{what}: " + ", ".join(names), ha="center", va="center", fontsize=text_size - 1,
                 zorder=4)
-        if highlighted:
-            spot(x0 - 0.02, y - 0.38, 1.16, 0.76)
 
     last_rows = len(stages[-1][1])
-    end_box(1.3, data["stem"], "stem", 0, place is not None and place.region == "stem")
-    end_box(-last_rows - 0.6, data["head"], "head", len(stages) - 1, place is not None and place.region == "head")
+    end_box(_STEM_Y, data["stem"], "stem", 0)
+    end_box(-last_rows - 0.6, data["head"], "head", len(stages) - 1)
     if data["stem"] and stages[0][1]:
         solid.append([(main_dx, 0.98), (main_dx, 0.0)])
         solid_colours.append(edge_colours[0]["entry"])
@@ -916,8 +957,8 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     if dashed:
         ax.add_collection(LineCollection(dashed, colors=grey, linewidths=2.0, linestyles="--", zorder=2))
     ax.plot(joins_x, joins_y, "o", ms=4.5, mfc="white", mec="black", mew=1.0, ls="", zorder=4)
-    if place is not None and place.region in ("model", "stage"):
-        ax.set_facecolor("#FFF8D6")  # the whole network (or a stage) is the current call
+    if highlight is not None:
+        _mark(ax, _highlight_box(data, trace.place(highlight)), highlight.phase, text_size)
     ax.set_xlim(-0.1, len(stages) * width)
     ax.set_ylim(-rows - 1.05, 1.75)
     _bare(ax)
@@ -962,19 +1003,71 @@ def network(trace, highlight=None, save=None):
     return _finish(fig, save)
 
 
-def stepper_frame(trace, event, title: str = "", limits=None, max_channels: int = 8, data=None, norm=None):
+def _frame_grid(fig):
+    """The stepper frame's two regions: the event (left) and the map with its colour bar (right)."""
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.5, 1], left=0.105, right=0.995, top=0.88, bottom=0.08,
+                             wspace=0.16)
+    return outer[0, 0], outer[0, 1], outer[0, 1].subgridspec(2, 1, height_ratios=[1, 0.03], hspace=0.12)
+
+
+class NetworkRaster:
+    """The network map of a walk drawn once, as pixels, in the place it takes in a stepper frame.
+
+    The map is the same in every frame but for the mark on the current place, and drawing its
+    hundreds of lines, boxes and labels is most of a frame's cost; a frame pastes these pixels and
+    draws only the mark (see :func:`stepper_frame`), about twice as fast.
+    """
+
+    def __init__(self, trace, data=None, norm=None):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+
+        self.data = data if data is not None else network_data(trace)
+        self.norm = norm if norm is not None else _flow_norm(self.data)
+        fig = new_figure(FRAME_SIZE, dpi=FRAME_DPI)
+        _, cell, right = _frame_grid(fig)
+        ax = fig.add_subplot(right[0])
+        _draw_network(fig, ax, fig.add_subplot(right[1]), trace, None, self.data, self.norm)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        pixels = numpy.asarray(canvas.buffer_rgba())
+        self.height, width = pixels.shape[:2]
+        self.left = int(math.floor(cell.get_position(fig).x0 * width))  # the map's region starts here
+        self.pixels = pixels[:, self.left:].copy()
+        self.box = (self.left / width, 0.0, 1.0 - self.left / width, 1.0)  # in figure fractions
+        self.to_display = ax.transData.frozen()
+        self.text_size = _map_text_size(self.data)
+
+    def to_pixels(self, x, y):
+        """Map coordinates -> (column, row) in ``pixels`` (rows count from the top)."""
+        px, py = self.to_display.transform((x, y))
+        return px - self.left, self.height - py
+
+    def paste(self, fig, trace, event):
+        """Put the map into ``fig`` (a frame) and mark the place of ``event`` on it."""
+        ax = fig.add_axes(self.box)
+        ax.imshow(self.pixels, interpolation="none", extent=(0, self.pixels.shape[1], self.height, 0), aspect="auto")
+        ax.set_xlim(0, self.pixels.shape[1])
+        ax.set_ylim(self.height, 0)
+        ax.set_axis_off()
+        _mark(ax, _highlight_box(self.data, trace.place(event)), event.phase, self.text_size, self.to_pixels)
+        return ax
+
+
+def stepper_frame(trace, event, title: str = "", limits=None, max_channels: int = 8, data=None, norm=None,
+                  raster: NetworkRaster | None = None):
     """One frame of the stepper: the event's picture (left) beside the network map with the event's
     place marked (right). Always :data:`FRAME_SIZE`, so frames replace each other without moving.
 
     limits, data, norm: the shared colour limits (:func:`trace_color_limits`), the map's data
     (:func:`network_data`) and its colour scale, computed once per walk by the caller (computed
-    here when None).
+    here when None). raster: the map drawn once (:class:`NetworkRaster`); None draws it here.
     """
     fig = new_figure(FRAME_SIZE, dpi=FRAME_DPI)
-    outer = fig.add_gridspec(1, 2, width_ratios=[1.5, 1], left=0.105, right=0.995, top=0.88, bottom=0.08,
-                             wspace=0.16)
-    _draw_event(fig, outer[0, 0], event, max_channels, limits)
-    right = outer[0, 1].subgridspec(2, 1, height_ratios=[1, 0.03], hspace=0.12)
-    _draw_network(fig, fig.add_subplot(right[0]), fig.add_subplot(right[1]), trace, event, data, norm)
+    left, _, right = _frame_grid(fig)
+    _draw_event(fig, left, event, max_channels, limits)
+    if raster is not None:
+        raster.paste(fig, trace, event)
+    else:
+        _draw_network(fig, fig.add_subplot(right[0]), fig.add_subplot(right[1]), trace, event, data, norm)
     fig.suptitle((title + "   " if title else "") + _event_title(event), fontsize=14, x=0.01, ha="left")
     return fig

@@ -81,7 +81,7 @@ class Stepper:
         self.position = -1  # index into self.walk; -1 before the first step
         self.phase, self.blocks_only = "both", False
         self.view(phase=phase, blocks_only=blocks_only, show=False)
-        self._limits = self._map_data = self._map_norm = None  # computed at the first picture
+        self._limits = self._map = None  # the shared colour scales and the network map: at the first picture
         self._pngs: OrderedDict[int, bytes] = OrderedDict()   # recent frames, for quick back-and-forth
         self._lock = threading.RLock()  # widget callbacks may arrive on several threads at once
         self._prefetching = False
@@ -223,11 +223,10 @@ class Stepper:
         i = self._index(number)
         with self._lock:
             limits = self.color_limits()
-            if self._map_data is None:
-                self._map_data = plots.network_data(self.trace)
-                self._map_norm = plots._flow_norm(self._map_data)
+            if self._map is None:
+                self._map = plots.NetworkRaster(self.trace)  # the map drawn once; each frame marks its place
             return plots.stepper_frame(self.trace, self.walk[i], self.heading(i + 1), limits, self.max_channels,
-                                       self._map_data, self._map_norm)
+                                       raster=self._map)
 
     def png(self, number: int | None = None) -> bytes:
         """The picture of a step as PNG bytes (the last few are kept, so going back is instant)."""

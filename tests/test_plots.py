@@ -280,3 +280,21 @@ def test_network_marks_the_current_event(rng):
     spots, arrows = marked(t.find("conv1", "forward"))
     assert len(spots) == 1 and arrows == ["\u25bc"] and spots[0].get_y() > 0  # the stem, above the blocks
     assert marked(None) == ([], [])
+
+
+def test_stepper_frame_with_the_map_drawn_once_looks_the_same(rng):
+    """The stepper pastes the map as pixels and draws only the mark: the frame must not change."""
+    import io
+
+    from PIL import Image
+
+    t = _forced_step(rng, [True, False, True, True, True, True, True, True, False], keep_arrays=True)
+    raster = plots.NetworkRaster(t)
+    for event in (t.find("conv1"), t.find("layer1.1", "backward"), t.find("layer2.2.shortcut", "backward"),
+                  t.find("layer3.0.branch.3"), t.find("fc", "backward")):
+        drawn = plots.figure_png(plots.stepper_frame(t, event, "step", raster=None))
+        pasted = plots.figure_png(plots.stepper_frame(t, event, "step", raster=raster))
+        a, b = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in (drawn, pasted))
+        assert a.shape == b.shape
+        differing = (np.abs(a - b).max(axis=2) > 8).mean()
+        assert differing < 2e-4, (event.label, differing)

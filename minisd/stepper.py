@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 
 from minisd import plots
-from minisd.trace import PHASES, Trace, _filter
+from minisd.trace import PHASES, Trace, filter_events
 
 __all__ = ["Stepper"]
 
@@ -75,7 +75,7 @@ class Stepper:
             raise ValueError(f"Stepper: which must be 'layers' or 'all', got {which!r}")
         self.trace = trace
         self.which = which
-        self.walk = _filter(trace.events, which)
+        self.walk = filter_events(trace.events, which)
         self.draw = bool(draw)
         self.max_channels = int(max_channels)
         self.position = -1  # index into self.walk; -1 before the first step

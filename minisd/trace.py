@@ -47,7 +47,7 @@ import numpy
 from minisd import backend
 from minisd.residual import BasicBlock
 
-__all__ = ["Event", "Place", "Trace", "record", "array_stats"]
+__all__ = ["Event", "Place", "Trace", "record", "array_stats", "filter_events"]
 
 PHASES = ("forward", "backward")
 
@@ -163,7 +163,9 @@ def _block_gate(module) -> dict:
                 survival_prob=float(module.survival_prob))
 
 
-def _filter(events, which: str) -> list[Event]:
+def filter_events(events, which: str) -> list[Event]:
+    """The events of a view: "all", "layers" (leaf modules, which compute, and the residual blocks,
+    where the gate is) or "blocks" (residual blocks only)."""
     if which == "all":
         return list(events)
     if which == "layers":
@@ -352,7 +354,7 @@ class Trace:
         which: "all" events, "layers" (the layers that compute: leaf modules, plus the residual
         blocks where the gate is) or "blocks" (residual blocks only).
         """
-        rows = _filter(self.select(phase=phase), which)
+        rows = filter_events(self.select(phase=phase), which)
         header = (f"{'#':>4} {'phase':<8} {'layer':<28} {'kind':<16} {'in shape':<16} {'out shape':<16} "
                   f"{'|in|':>10} {'|out|':>10} {'ms':>8}  gate")
         lines = [header, "-" * len(header)]

@@ -9,7 +9,10 @@
         model.backward(F.softmax_cross_entropy_backward(1.0, cache))
     print(t.table())                          # one line per layer call, forward then backward
     t.events                                  # the same as a list of Event objects
-    t.stepper().step()                        # walk it one event at a time (prints and draws)
+
+To walk a trace one event at a time, with pictures, use :class:`minisd.stepper.Stepper`; the
+figures live in :mod:`minisd.plots`. This module knows nothing of either (they import it, never the
+other way round), so recording needs no matplotlib.
 
 How it works: on entry, every module of the tree (``model.named_modules()``) gets its ``forward``
 and ``backward`` replaced *on the instance* by a small wrapper that calls the original and measures
@@ -37,13 +40,14 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy
 
 from minisd import backend
 from minisd.residual import BasicBlock
 
-__all__ = ["Event", "Trace", "record", "Stepper", "array_stats"]
+__all__ = ["Event", "Place", "Trace", "record", "array_stats", "filter_events"]
 
 PHASES = ("forward", "backward")
 
@@ -84,20 +88,23 @@ class Event:
     def is_block(self) -> bool:
         return self.kind == "BasicBlock"
 
+    @property
+    def dropped(self) -> bool:
+        """A residual block whose branch was dropped: for the whole batch, or (row mode) for some samples."""
+        return self.gate == "dropped" or (self.gate == "rows" and (self.kept_fraction or 0.0) < 1.0)
+
     def as_dict(self, arrays: bool = False) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if arrays or not k.endswith("_array")}
         d["label"] = self.label
         return d
 
     def describe(self) -> str:
-        """A few lines in words, as the stepper prints them."""
+        """A few lines in words: what went in and out, and for a residual block what its gate did."""
         what_in, what_out = (("input x", "output y") if self.phase == "forward"
                              else ("incoming grad dL/dy", "outgoing grad dL/dx"))
-        lines = [f"[{self.index}] {self.phase:<8} {self.label}  ({self.kind})"]
+        lines = [f"{self.phase} {self.label}  ({self.kind})"]
         if self.gate is not None:
-            gate = self.gate if self.gate != "rows" else f"rows, {self.kept_fraction:.0%} of samples kept"
-            p = f", p = {self.survival_prob:.3f}" if self.survival_prob is not None else ""
-            lines.append(f"    gate: {gate}{p}; branch {'SKIPPED' if self.skipped else 'ran'}")
+            lines.append("    " + _gate_sentence(self))
         lines.append(f"    {what_in:<20} shape {str(self.in_shape):<18} norm {self.in_norm:10.4g}  "
                      f"mean {self.in_mean:+.3e}  std {self.in_std:.3e}")
         lines.append(f"    {what_out:<20} shape {str(self.out_shape):<18} norm {self.out_norm:10.4g}  "
@@ -107,6 +114,23 @@ class Event:
             extra += f"; norm of this layer's parameter gradients {self.grad_norm:.4g}"
         lines.append(extra)
         return "\n".join(lines)
+
+
+def _gate_sentence(e: Event) -> str:
+    """The gate of a block event, and what it meant for this phase, in one line."""
+    p = f" (p = {e.survival_prob:.3f})" if e.survival_prob is not None else ""
+    if e.gate == "eval":
+        return f"evaluation mode{p}: no gate; the branch ran, scaled by its survival probability"
+    if e.gate == "kept":
+        return f"gate: kept{p}; the branch ran" + (" and is differentiated" if e.phase == "backward" else "")
+    if e.gate == "dropped":
+        if e.phase == "forward":
+            return f"gate: DROPPED{p}; branch SKIPPED: y = ReLU(shortcut(x))"
+        return (f"gate: DROPPED{p}; branch SKIPPED: the gradient reaches x through the ReLU mask "
+                "and the shortcut only")
+    fraction = f"{e.kept_fraction:.0%}" if e.kept_fraction is not None else "?"
+    skipped = "; branch SKIPPED (every sample dropped)" if e.skipped else ""
+    return f"gate: one per sample, {fraction} of the samples kept{p}{skipped}"
 
 
 def array_stats(a) -> tuple[float, float, float]:
@@ -139,7 +163,9 @@ def _block_gate(module) -> dict:
                 survival_prob=float(module.survival_prob))
 
 
-def _filter(events, which: str) -> list[Event]:
+def filter_events(events, which: str) -> list[Event]:
+    """The events of a view: "all", "layers" (leaf modules, which compute, and the residual blocks,
+    where the gate is) or "blocks" (residual blocks only)."""
     if which == "all":
         return list(events)
     if which == "layers":
@@ -147,6 +173,19 @@ def _filter(events, which: str) -> list[Event]:
     if which == "blocks":
         return [e for e in events if e.is_block]
     raise ValueError(f"trace: which must be 'all', 'layers' or 'blocks', got {which!r}")
+
+
+class Place(NamedTuple):
+    """Where an event happened in a residual network, for pictures of the network.
+
+    region: "stem" (layers before the first residual block), "block", "head" (layers after the
+    last block), "stage" (a container of blocks, e.g. "layer2") or "model" (the traced module). block: index into ``model.blocks`` (None
+    outside blocks). part: inside a block, "block" (the block's own call), "branch" or "shortcut".
+    """
+
+    region: str
+    block: int | None = None
+    part: str | None = None
 
 
 class Trace:
@@ -266,11 +305,39 @@ class Trace:
 
     def block_events(self, phase: str = "backward") -> list[Event]:
         """One event per residual block, in the order of ``model.blocks`` (the last call of each)."""
+        by_name = {e.name: e for e in self.select(phase=phase, blocks=True)}
+        return [by_name[name] for name in self.block_names if name in by_name]
+
+    @property
+    def block_names(self) -> list[str]:
+        """Dotted names of the residual blocks, in the order of ``model.blocks``."""
         blocks = getattr(self.model, "blocks", None)
         if blocks is None:
             blocks = [m for m in self.model.modules() if isinstance(m, BasicBlock)]
-        by_name = {e.name: e for e in self.select(phase=phase, blocks=True)}
-        return [by_name[self.names[id(b)]] for b in blocks if self.names[id(b)] in by_name]
+        return [self.names[id(b)] for b in blocks]
+
+    def place(self, event: Event) -> Place:
+        """Where ``event`` happened: the stem, a residual block (and which part of it), or the head."""
+        names = self.block_names
+        for k, block in enumerate(names):
+            prefix = block + "." if block else ""
+            if event.name == block:
+                return Place("block", k, "block")
+            if event.name.startswith(prefix):
+                part = event.name[len(prefix):].split(".")[0]
+                return Place("block", k, part if part in ("branch", "shortcut") else "block")
+        if event.name == "" or not names:
+            return Place("model")
+        if any(block.startswith(event.name + ".") for block in names):
+            return Place("stage")  # a container of blocks (e.g. "layer2")
+        # Outside every block: before the first block in the forward order is the stem, after it the head.
+        first_forward = {}
+        for e in self.forward():
+            first_forward.setdefault(e.name, e.index)
+        first, mine = first_forward.get(names[0]), first_forward.get(event.name)
+        if first is None or mine is None:
+            return Place("model")
+        return Place("stem" if mine < first else "head")
 
     def gradient_at_block_inputs(self) -> list[float]:
         """Norm of dL/dx at each block's input (the block's outgoing gradient in backward)."""
@@ -287,7 +354,7 @@ class Trace:
         which: "all" events, "layers" (the layers that compute: leaf modules, plus the residual
         blocks where the gate is) or "blocks" (residual blocks only).
         """
-        rows = _filter(self.select(phase=phase), which)
+        rows = filter_events(self.select(phase=phase), which)
         header = (f"{'#':>4} {'phase':<8} {'layer':<28} {'kind':<16} {'in shape':<16} {'out shape':<16} "
                   f"{'|in|':>10} {'|out|':>10} {'ms':>8}  gate")
         lines = [header, "-" * len(header)]
@@ -321,10 +388,6 @@ class Trace:
                               "Trace.table() gives the same as text") from None
         return pandas.DataFrame(self.to_records())
 
-    def stepper(self, **kwargs) -> "Stepper":
-        """A :class:`Stepper` over this trace (see there for the options)."""
-        return Stepper(self, **kwargs)
-
 
 @contextlib.contextmanager
 def record(model, keep_arrays: bool = False):
@@ -339,86 +402,3 @@ def record(model, keep_arrays: bool = False):
         yield t
     finally:
         t._uninstall()
-
-
-class Stepper:
-    """Walk a trace one event at a time: forward through the layers, then backward.
-
-    ``step()`` prints the next event and draws its picture (works anywhere, CI included);
-    ``show(i)`` does the same for event i; ``widget()`` gives a slider with previous/next buttons
-    (ipywidgets, as Jupyter brings). By default the walk visits the layers that do the work (leaf
-    modules) and the residual blocks (where the gate is); ``which="all"`` visits every event.
-    """
-
-    def __init__(self, trace: Trace, which: str = "layers", draw: bool = True, max_channels: int = 8):
-        events = _filter(trace.events, which)
-        self.trace, self.events, self.draw, self.max_channels = trace, events, draw, max_channels
-        self.position = -1
-
-    def __len__(self):
-        return len(self.events)
-
-    def text(self, i: int) -> str:
-        e = self.events[i]
-        return f"step {i + 1} of {len(self.events)}\n" + e.describe()
-
-    def figure(self, i: int):
-        """The picture of event i (a matplotlib Figure), see :func:`minisd.plots.trace_event`."""
-        from minisd import plots  # noqa: PLC0415  (matplotlib only when a picture is asked for)
-
-        return plots.trace_event(self.events[i], max_channels=self.max_channels)
-
-    def show(self, i: int):
-        """Print event i and (with draw=True) display its picture; returns the Figure or None."""
-        self.position = int(i)
-        print(self.text(self.position))
-        if not self.draw:
-            return None
-        fig = self.figure(self.position)
-        _display_figure(fig)
-        return fig
-
-    def step(self, n: int = 1):
-        """Advance by n events (back with a negative n) and show that one."""
-        if not self.events:
-            raise ValueError("Stepper: the trace has no events (was anything run inside trace.record?)")
-        return self.show(min(max(self.position + n, 0), len(self.events) - 1))
-
-    def reset(self):
-        self.position = -1
-
-    def widget(self):
-        """A slider plus previous / next buttons; each move prints the event and redraws its picture."""
-        import ipywidgets as widgets  # noqa: PLC0415
-
-        slider = widgets.IntSlider(value=0, min=0, max=max(0, len(self.events) - 1), description="event",
-                                   continuous_update=False, layout=widgets.Layout(width="60%"))
-        prev_button = widgets.Button(description="◀ previous")
-        next_button = widgets.Button(description="next ▶")
-        output = widgets.Output()
-
-        def render(change=None):
-            output.clear_output(wait=True)
-            with output:
-                self.show(slider.value)
-
-        prev_button.on_click(lambda _: setattr(slider, "value", max(0, slider.value - 1)))
-        next_button.on_click(lambda _: setattr(slider, "value", min(slider.max, slider.value + 1)))
-        slider.observe(render, names="value")
-        render()
-        return widgets.VBox([widgets.HBox([prev_button, slider, next_button]), output])
-
-
-def _display_figure(fig):
-    """Show a figure in a notebook (IPython's display) or do nothing elsewhere, then close it."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    try:
-        from IPython import get_ipython  # noqa: PLC0415
-        from IPython.display import display  # noqa: PLC0415
-
-        if get_ipython() is not None:
-            display(fig)
-    except ImportError:
-        pass
-    plt.close(fig)

@@ -163,10 +163,138 @@ def test_feature_maps(tmp_path, rng):
 def test_trace_event_with_and_without_arrays(tmp_path, rng):
     model = models.resnet_cifar(depth=20, in_channels=1)
     with_arrays = one_step_trace(model, rng, keep_arrays=True)
-    fig = plots.trace_event(with_arrays.find("layer2.0", "backward"), max_channels=4, save=tmp_path / "e.png")
-    assert sum(1 for ax in fig.axes if ax.get_images()) == 8  # 2 rows x 4 channels (+ 2 colour bars)
+    event = with_arrays.find("layer2.0", "backward")
+    fig = plots.trace_event(event, max_channels=4, save=tmp_path / "e.png")
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 2 and len(fig.axes) == 3  # input row, output row (4 channels each), colour bar
+    # The output row shows the first sample's first 4 channels, separated by white (NaN) columns.
+    out_row = np.asarray(images[1].get_array().filled(np.nan))
+    w = event.out_shape[3]
+    np.testing.assert_allclose(out_row[:, :w], event.out_array[0, 0])
+    assert np.isnan(out_row[:, w]).all()
     assert_png(tmp_path / "e.png")
     fc = plots.trace_event(with_arrays.find("fc", "forward"))
-    assert sum(1 for ax in fc.axes if ax.get_images()) == 2
+    strips = [im.get_array() for ax in fc.axes for im in ax.get_images()][:2]
+    assert [a.shape for a in strips] == [(1, 64), (1, 10)]
     bars = plots.trace_event(one_step_trace(model, rng).find("conv1", "forward"))
     assert len(bars.axes) == 1 and len(bars.axes[0].patches) == 2
+    limits = {"activation": 2.0, "gradient": 0.125}
+    shared = plots.trace_event(event, limits=limits)
+    assert shared.axes[0].get_images()[0].get_clim() == (-0.125, 0.125)
+
+
+def _forced_step(rng, gates, depth=20, keep_arrays=False):
+    model = models.resnet_cifar(depth=depth, in_channels=1)
+    model.force_gates(gates)
+    return one_step_trace(model, rng, keep_arrays=keep_arrays)
+
+
+def _block_boxes(ax):
+    """{block label: its box} on a network map (the boxes are the patches with a label inside)."""
+    from matplotlib.patches import FancyBboxPatch
+
+    boxes = [p for p in ax.patches if isinstance(p, FancyBboxPatch)]
+    texts = [t for t in ax.texts if "p=" in t.get_text()]
+    found = {}
+    for text in texts:
+        x, y = text.get_position()
+        box = next(b for b in boxes if b.get_x() <= x <= b.get_x() + b.get_width()
+                   and b.get_y() <= y <= b.get_y() + b.get_height())
+        found[text.get_text().split()[0]] = (box, text.get_text())
+    return found
+
+
+def test_network_greys_dropped_branches_with_gate_and_p(tmp_path, rng):
+    gates = [True, False, True, True, False, True, True, True, False]
+    t = _forced_step(rng, gates)
+    fig = plots.network(t, save=tmp_path / "n.png")
+    ax = fig.axes[0]
+    boxes = _block_boxes(ax)
+    assert sorted(boxes) == sorted(n[len("layer"):] for n in t.block_names)
+    probs = [e.survival_prob for e in t.block_events("forward")]
+    for name, kept, p in zip(t.block_names, gates, probs):
+        box, label = boxes[name[len("layer"):]]
+        assert (box.get_hatch() is not None) is (not kept), name
+        assert (matplotlib.colors.to_hex(box.get_edgecolor()) == "#a8a8a8") is (not kept), name
+        assert f"b={int(kept)}" in label and f"p={p:.2f}".replace("0.", ".") in label
+    assert "3 dropped" in ax.get_title()
+    assert [c.get_text() for c in ax.texts if c.get_text().startswith(("stem", "head"))] == [
+        "stem: conv1, bn1, relu", "head: avgpool, fc"]
+    assert_png(tmp_path / "n.png")
+
+
+def test_network_edges_are_coloured_by_the_traced_gradient_norms(rng):
+    from matplotlib.collections import LineCollection
+
+    t = _forced_step(rng, [True, False, True, True, True, True, True, True, True])
+    fig = plots.network(t)
+    ax, cax = fig.axes[0], fig.axes[1]
+    data = plots.network_data(t)
+    norm = plots._flow_norm(data)
+    # One shared logarithmic scale: from the smallest to the largest norm on the map.
+    traced = [e.out_norm for e in t.block_events("backward")] + [e.in_norm for e in t.block_events("backward")]
+    traced += [t.find(n + ".shortcut", "backward").out_norm for n in t.block_names]
+    traced += [t.find(n + ".branch", "backward").out_norm for n, kept in zip(t.block_names, [1, 0] + [1] * 7) if kept]
+    assert norm.vmin == pytest.approx(min(traced)) and norm.vmax == pytest.approx(max(traced))
+    assert "gradient norm" in cax.get_xlabel()
+    cmap = matplotlib.colormaps[plots.FLOW_CMAP]
+    lines = next(c for c in ax.collections if isinstance(c, LineCollection))
+    segments, colours = lines.get_segments(), lines.get_colors()
+
+    def colour_of_segment(x, y_top, y_bottom):
+        for seg, col in zip(segments, colours):
+            if len(seg) == 2 and np.allclose(seg, [[x, y_top], [x, y_bottom]]):
+                return col
+        raise AssertionError(f"no segment at x={x}, y={y_top}..{y_bottom}")
+
+    # Block 1 (layer1.1, second row of the first column) was dropped: its shortcut carried the
+    # gradient, and its colour is the shortcut's traced norm on the map's scale.
+    shortcut = t.find("layer1.1.shortcut", "backward").out_norm
+    np.testing.assert_allclose(colour_of_segment(0.14, -1.15, -1.85), cmap(norm(shortcut)))
+    entry = t.find("layer1.1", "backward").out_norm
+    np.testing.assert_allclose(colour_of_segment(0.14, -1.0, -1.15), cmap(norm(entry)))
+    # Its branch got nothing: dashed grey, no coloured branch connector.
+    dashed = [c for c in ax.collections if isinstance(c, LineCollection) and c is not lines]
+    assert dashed and len(dashed[0].get_segments()) == 2
+
+
+def test_network_marks_the_current_event(rng):
+    from matplotlib.patches import Rectangle
+
+    t = _forced_step(rng, [True] * 9)
+
+    def marked(event):
+        fig = plots.network(t, highlight=event)
+        ax = fig.axes[0]
+        spots = [p for p in ax.patches if isinstance(p, Rectangle) and
+                 matplotlib.colors.to_hex(p.get_facecolor()) == plots.HIGHLIGHT_COLOR.lower()]
+        arrows = [x.get_text() for x in ax.texts if x.get_text() in ("\u25bc", "\u25b2")]
+        return spots, arrows
+
+    spots, arrows = marked(t.find("layer2.1.branch.3", "backward"))
+    assert len(spots) == 1 and arrows == ["\u25b2"]  # up: backward
+    box, _ = _block_boxes(plots.network(t).axes[0])["2.1"]
+    spot = spots[0]
+    assert spot.get_x() < box.get_x() and spot.get_x() + spot.get_width() > box.get_x() + box.get_width()
+    assert spot.get_y() < box.get_y() < spot.get_y() + spot.get_height()
+    spots, arrows = marked(t.find("conv1", "forward"))
+    assert len(spots) == 1 and arrows == ["\u25bc"] and spots[0].get_y() > 0  # the stem, above the blocks
+    assert marked(None) == ([], [])
+
+
+def test_stepper_frame_with_the_map_drawn_once_looks_the_same(rng):
+    """The stepper pastes the map as pixels and draws only the mark: the frame must not change."""
+    import io
+
+    from PIL import Image
+
+    t = _forced_step(rng, [True, False, True, True, True, True, True, True, False], keep_arrays=True)
+    raster = plots.NetworkRaster(t)
+    for event in (t.find("conv1"), t.find("layer1.1", "backward"), t.find("layer2.2.shortcut", "backward"),
+                  t.find("layer3.0.branch.3"), t.find("fc", "backward")):
+        drawn = plots.figure_png(plots.stepper_frame(t, event, "step", raster=None))
+        pasted = plots.figure_png(plots.stepper_frame(t, event, "step", raster=raster))
+        a, b = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in (drawn, pasted))
+        assert a.shape == b.shape
+        differing = (np.abs(a - b).max(axis=2) > 8).mean()
+        assert differing < 2e-4, (event.label, differing)

@@ -197,48 +197,53 @@ def test_a_block_alone_can_be_traced(rng):
     assert t.block_events("backward")[0].skipped is True
 
 
-def test_stepper_walks_forward_then_backward_and_draws(rng, capsys):
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
+def test_place_names_stem_blocks_parts_and_head(rng):
+    model, t = traced_step_all_blocks(rng)
+    assert t.block_names == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
+    assert t.place(t.find("conv1")) == trace.Place("stem")
+    assert t.place(t.find("relu", "backward")) == trace.Place("stem")
+    assert t.place(t.find("fc")) == trace.Place("head")
+    assert t.place(t.find("layer2")) == trace.Place("stage")
+    assert t.place(t.find("")) == trace.Place("model")
+    assert t.place(t.find("layer2.1")) == trace.Place("block", 3, "block")
+    assert t.place(t.find("layer2.1.branch.3", "backward")) == trace.Place("block", 3, "branch")
+    assert t.place(t.find("layer3.0.shortcut")) == trace.Place("block", 4, "shortcut")
 
+
+def test_describe_says_what_a_dropped_gate_did(rng):
     model = small_model()
     model.force_gates([True, False, True, True, True, True])
     x, labels = batch(rng)
-    with trace.record(model, keep_arrays=True) as t:
-        train_step(model, x, labels)
-    stepper = t.stepper()
-    assert all(e.is_leaf or e.is_block for e in stepper.events)
-    phases = [e.phase for e in stepper.events]
-    assert phases == sorted(phases, key=lambda p: p != "forward")  # all forward, then all backward
-    fig = stepper.step()
-    assert isinstance(fig, Figure) and stepper.position == 0
-    printed = capsys.readouterr().out
-    assert "conv1" in printed and "step 1 of" in printed
-    stepper.step(3)
-    assert stepper.position == 3
-    stepper.step(-10)
-    assert stepper.position == 0
-    dropped = [i for i, e in enumerate(stepper.events) if e.gate == "dropped"]
-    fig = stepper.show(dropped[-1])
-    assert "SKIPPED" in capsys.readouterr().out
-    assert len(fig.axes) >= 2
-    quiet = trace.Stepper(t, which="blocks", draw=False)
-    assert len(quiet) == 2 * len(model.blocks) and quiet.step() is None
-    plt.close("all")
-
-
-def test_stepper_widget(rng):
-    widgets = pytest.importorskip("ipywidgets")
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    model = small_model()
-    x, labels = batch(rng)
     with trace.record(model) as t:
         train_step(model, x, labels)
-    ui = t.stepper().widget()
-    assert isinstance(ui, widgets.VBox)
-    slider = ui.children[0].children[1]
-    slider.value = 5  # redraws without error
-    assert math.isfinite(t.events[5].in_norm)
+    forward, backward = t.find("layer1.1", "forward"), t.find("layer1.1", "backward")
+    assert forward.dropped and backward.dropped and not t.find("layer1.0").dropped
+    assert "DROPPED" in forward.describe() and "y = ReLU(shortcut(x))" in forward.describe()
+    assert "through the ReLU mask and the shortcut only" in backward.describe()
+    assert "kept" in t.find("layer1.0", "backward").describe()
+    # One numbering scheme: an event's text carries no index of its own (the stepper numbers steps).
+    assert not backward.describe().startswith("[")
+
+
+def test_trace_knows_nothing_of_plots_or_the_stepper():
+    """The dependency runs one way: plots and stepper import trace, never the reverse."""
+    import ast
+    import pathlib
+
+    import minisd
+
+    package = pathlib.Path(minisd.__file__).parent
+
+    def imports(filename):
+        found = set()
+        for node in ast.walk(ast.parse((package / filename).read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        return found
+
+    trace_imports = imports("trace.py")
+    assert not {m for m in trace_imports if "plots" in m or "stepper" in m or "matplotlib" in m}, trace_imports
+    assert not {m for m in imports("plots.py") if "stepper" in m}
+    assert {"minisd.plots", "minisd.trace"} <= imports("stepper.py")

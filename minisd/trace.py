@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy
 
-from minisd import backend
+from minisd import backend, kernels
 from minisd.residual import BasicBlock
 
 __all__ = ["Event", "Place", "Trace", "record", "array_stats", "filter_events"]
@@ -76,6 +76,7 @@ class Event:
     skipped: bool | None = None   # blocks: True if the branch did not run (and is not differentiated)
     survival_prob: float | None = None
     grad_norm: float | None = None  # backward of a module with parameters: norm of its own grads after
+    kernels: str = ""             # the kernel tier in force for this call: "fast" or "reference"
     in_array: numpy.ndarray | None = field(default=None, repr=False)   # keep_arrays=True only
     out_array: numpy.ndarray | None = field(default=None, repr=False)  # keep_arrays=True only
 
@@ -214,7 +215,7 @@ class Trace:
                 return original(arg)
             start_bookkeeping = time.perf_counter()
             event = Event(index=len(trace.events), name=name, kind=type(module).__name__, phase=phase,
-                          depth=depth_of, is_leaf=leaf)
+                          depth=depth_of, is_leaf=leaf, kernels=kernels.active())
             trace.events.append(event)
             event.in_shape = tuple(getattr(arg, "shape", ()))
             event.in_norm, event.in_mean, event.in_std = array_stats(arg)
@@ -348,8 +349,15 @@ class Trace:
         top = min((e.depth for e in self.select(phase=phase)), default=0)
         return float(sum(e.seconds for e in self.select(phase=phase) if e.depth == top))
 
+    @property
+    def kernels(self) -> str:
+        """The kernel tier that ran the recorded calls: "fast", "reference", or "mixed"."""
+        tiers = {e.kernels for e in self.events}
+        return tiers.pop() if len(tiers) == 1 else ("mixed" if tiers else "")
+
     def table(self, phase: str | None = None, which: str = "all", max_rows: int | None = None) -> str:
-        """A plain-text table, one row per event (nested names indented).
+        """A plain-text table, one row per event (nested names indented), under a line that names
+        the kernel tier that ran them.
 
         which: "all" events, "layers" (the layers that compute: leaf modules, plus the residual
         blocks where the gate is) or "blocks" (residual blocks only).
@@ -357,7 +365,7 @@ class Trace:
         rows = filter_events(self.select(phase=phase), which)
         header = (f"{'#':>4} {'phase':<8} {'layer':<28} {'kind':<16} {'in shape':<16} {'out shape':<16} "
                   f"{'|in|':>10} {'|out|':>10} {'ms':>8}  gate")
-        lines = [header, "-" * len(header)]
+        lines = [f"kernels: {self.kernels} tier", header, "-" * len(header)]
         shown = rows if max_rows is None else rows[:max_rows]
         for e in shown:
             gate = ""
@@ -378,6 +386,16 @@ class Trace:
     def to_records(self) -> list[dict]:
         """The events as dicts (arrays left out)."""
         return [e.as_dict() for e in self.events]
+
+    def stepper(self, **options):
+        """A :class:`minisd.stepper.Stepper` over this trace: ``s = t.stepper(); s.step(); s.step()``.
+
+        The stepper module imports this one (and the plots), never the reverse at import time: the
+        import below runs only when a stepper is asked for, so loading ``trace`` loads no matplotlib.
+        """
+        from minisd.stepper import Stepper  # noqa: PLC0415  (see the docstring)
+
+        return Stepper(self, **options)
 
     def to_frame(self):
         """A pandas DataFrame of the events (pandas is optional: ImportError with advice if missing)."""

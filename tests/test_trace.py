@@ -169,11 +169,11 @@ def test_table_list_and_records(rng):
         assert (name or "(ResNetCifar)") in text
     assert "forward" in text and "backward" in text
     short = t.table(phase="backward", which="layers", max_rows=5)
-    assert "more rows" in short and len(short.splitlines()) == 2 + 5 + 1
+    assert "more rows" in short and len(short.splitlines()) == 3 + 5 + 1  # tier line, header, rule
     records = t.to_records()
     assert len(records) == len(t) and "in_array" not in records[0] and records[0]["label"] == "(ResNetCifar)"
     assert t.total_seconds("forward") > 0
-    blocks_only = t.table(which="blocks").splitlines()[2:]
+    blocks_only = t.table(which="blocks").splitlines()[3:]
     assert len(blocks_only) == 2 * len(model.blocks) and all("BasicBlock" in line for line in blocks_only)
     with pytest.raises(ValueError, match="which"):
         t.table(which="leaves")
@@ -234,16 +234,65 @@ def test_trace_knows_nothing_of_plots_or_the_stepper():
 
     package = pathlib.Path(minisd.__file__).parent
 
-    def imports(filename):
+    def imports(filename, skip=()):
+        """Modules imported anywhere in ``filename``, except inside the functions named in ``skip``."""
         found = set()
-        for node in ast.walk(ast.parse((package / filename).read_text())):
+        tree = ast.parse((package / filename).read_text())
+        skipped = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name in skip
+                   for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
             if isinstance(node, ast.Import):
                 found |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
                 found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
         return found
 
-    trace_imports = imports("trace.py")
+    # Trace.stepper() is the one convenience that reaches the stepper, by an import inside the
+    # method, run only when it is called: loading trace loads neither the stepper nor matplotlib.
+    trace_imports = imports("trace.py", skip=("stepper",))
     assert not {m for m in trace_imports if "plots" in m or "stepper" in m or "matplotlib" in m}, trace_imports
+    assert imports("trace.py") - trace_imports == {"minisd.stepper", "minisd.stepper.Stepper"}
     assert not {m for m in imports("plots.py") if "stepper" in m}
     assert {"minisd.plots", "minisd.trace"} <= imports("stepper.py")
+
+
+def test_t_stepper_walks_and_keeps_its_position():
+    """``s = t.stepper(); s.step(); s.step()`` walks (the spelling of the README and the issue)."""
+    import subprocess
+    import sys
+
+    from minisd import models
+
+    model = models.resnet_cifar(depth=8, in_channels=1, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    with trace.record(model) as t:
+        logits = model(x)
+        model.backward(np.ones_like(logits) / logits.size)
+    s = t.stepper(draw=False)
+    s.step()
+    s.step()
+    assert s.number == 2 and s.current is s.walk[1]
+    loaded = subprocess.run([sys.executable, "-c", "import sys, minisd.trace; "
+                             "print('matplotlib' in sys.modules, 'minisd.stepper' in sys.modules)"],
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.stdout.split() == ["False", "False"], loaded.stderr
+
+
+def test_the_trace_records_which_kernel_tier_ran():
+    from minisd import kernels, models
+
+    model = models.resnet_cifar(depth=8, in_channels=1, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    for tier in ("reference", "fast"):
+        with kernels.use(tier), trace.record(model) as t:
+            model(x)
+        assert t.kernels == tier and {e.kernels for e in t.events} == {tier}
+        assert t.table().splitlines()[0] == f"kernels: {tier} tier"
+    with trace.record(model) as t:
+        with kernels.use("reference"):
+            logits = model(x)
+        model.backward(np.ones_like(logits))
+    assert t.kernels == "mixed"
+    assert {e.kernels for e in t.forward()} == {"reference"} and {e.kernels for e in t.backward()} == {"fast"}

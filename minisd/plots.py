@@ -139,7 +139,7 @@ def survival_schedules(num_blocks: int = 54, final_survival: float = 0.5, unifor
                 label=f"constant depth (all {num_blocks} blocks)")
         for label, probs, color, ls in schedules:
             ax.plot(blocks, probs, color=color, lw=2.5, ls=ls,
-                    label=f"{label}: E[depth] = {sum(probs):.1f}")
+                    label=f"{label}: E[depth] = {sum(probs):.2f}")
         ax.set_xlabel("residual block $l$ (input side → output side)")
         ax.set_ylabel("survival probability $p_l$")
         ax.set_ylim(0, 1.08)

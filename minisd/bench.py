@@ -37,9 +37,10 @@ output ReLU). So a stochastic-depth step with gates b_l should take::
 
 K_l is measured in the constant-depth steps of the same run and D_l in the stochastic-depth steps
 (a timer around every block's forward and backward), so the prediction charges each stage its own
-speed. The prediction is made step by step with the gates drawn in that step, and compared as
-medians: the gate noise (which blocks happened to run) is in both, and what remains is the cost
-model's error. The expected ratio, with the survival probabilities p_l in place of the gates, and
+speed. The prediction is made round by round, with the kept-block times of that round's
+constant-depth step and the gates its stochastic-depth step drew, and compared as medians of the
+per-round ratios: the gate noise (which blocks happened to run) and the load of the moment are in
+both, and what remains is the cost model's error. The expected ratio, with the survival probabilities p_l in place of the gates, and
 ``E[active blocks] / L`` are printed too.
 """
 from __future__ import annotations
@@ -82,8 +83,10 @@ _THREAD_LIMITS = []  # keep threadpoolctl's limiter alive
 
 
 def set_threads(threads: int) -> str:
-    """Limit NumPy's BLAS (via threadpoolctl, if installed) and PyTorch (if importable) to ``threads``."""
-    notes = []
+    """Use ``threads`` threads in minisd's convolution chunks, NumPy's BLAS (via threadpoolctl, if
+    installed) and PyTorch (if importable)."""
+    kernels.set_num_threads(threads)
+    notes = [f"minisd chunk threads: {kernels.get_num_threads()}"]
     try:
         from threadpoolctl import threadpool_info, threadpool_limits  # noqa: PLC0415
     except ImportError:
@@ -191,13 +194,23 @@ def torch_step_fn(depth, survival_probs, batch=BATCH, device="cpu", size=32):
     return step
 
 
-def _interleaved(steps: dict, rounds: int, warmup: int = 1) -> dict:
-    """Run the step functions in turn, ``rounds`` times (after ``warmup`` untimed rounds)."""
+def _interleaved(steps: dict, rounds: int, warmup: int = 1, settle: float = 0.05) -> dict:
+    """Run the step functions in turn, ``rounds`` times (after ``warmup`` untimed rounds).
+
+    The order rotates from round to round (round r starts with the r-th contender), and every
+    step starts after a ``settle`` pause. Why: after a step, its thread pools keep their cores busy
+    for a while (OpenMP and OpenBLAS workers spin-wait before they sleep), which slows whatever
+    runs next. In a fixed order that cost always lands on the same contender: measured on this
+    2-core machine, minisd's constant-depth step, always run right after PyTorch's, came out
+    slower than its stochastic-depth step by 0.53x instead of the 0.75x predicted.
+    """
     times = {name: [] for name in steps}
+    names = list(steps)
     for r in range(warmup + rounds):
-        for name, step in steps.items():
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(settle)
             t0 = time.perf_counter()
-            step()
+            steps[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
@@ -284,7 +297,15 @@ def step_table(depths=(20, 56, 110), rounds=8, final_survival=0.5, batch=BATCH, 
                     for s in set(labels)}
         dropped_filled = [d if d is not None else by_stage[s] for d, s in zip(dropped, labels)]
         saving = [k - d for k, d in zip(kept, dropped_filled)]
-        predicted = [med["const"] - sum(s for s, r in zip(saving, ran) if not r) for ran in sd_timer.ran[1:]]
+        # Round by round: the SD step against the constant-depth step of the same round, and its
+        # prediction from that round's kept-block times and the gates this SD step drew. Pairing
+        # by round cancels the load drifting between rounds (on a shared machine the medians of
+        # whole columns, taken over different moments, differed by up to 0.06 from each other).
+        measured, predicted = [], []
+        for const_s, sd_s, const_blocks, ran in zip(times["const"], times["sd"], const_timer.per_step[1:],
+                                                    sd_timer.ran[1:]):
+            measured.append(sd_s / const_s)
+            predicted.append(1.0 - sum(k - d for k, d, r in zip(const_blocks, dropped_filled, ran) if not r) / const_s)
         probs = sd.survival_probs
         drawn = statistics.mean(statistics.mean(r) for r in sd_timer.ran[1:])
         fractions = {}
@@ -295,8 +316,8 @@ def step_table(depths=(20, 56, 110), rounds=8, final_survival=0.5, batch=BATCH, 
             "depth": depth,
             "const_ms": med["const"] * 1e3,
             "sd_ms": med["sd"] * 1e3,
-            "ratio": med["sd"] / med["const"],
-            "predicted_drawn": statistics.median(predicted) / med["const"],
+            "ratio": statistics.median(measured),
+            "predicted_drawn": statistics.median(predicted),
             "predicted": (med["const"] - sum((1.0 - p) * s for p, s in zip(probs, saving))) / med["const"],
             "naive": sum(probs) / len(probs),
             "realised_active": drawn,
@@ -315,9 +336,10 @@ def step_table(depths=(20, 56, 110), rounds=8, final_survival=0.5, batch=BATCH, 
         del const, sd, steps, const_timer, sd_timer
         gc.collect()
     out(f"({load()} at the end)")
-    out("pred(drawn) = median over the SD steps of (T_const - sum over the blocks dropped in that step of "
-        "(K_l - D_l)) / T_const, with K_l block l's time (forward + backward) kept, in the constant-depth "
-        "steps, and D_l dropped, in the SD steps; pred(p) = the same with (1 - p_l) in place of the gates; "
+    out("SD/const = median over the rounds of T_sd / T_const (the two steps of one round); pred(drawn) = "
+        "median over the rounds of 1 - sum over the blocks dropped in that round's SD step of (K_l - D_l) / T_const, "
+        "with K_l block l's time (forward + backward) in that round's constant-depth step, and D_l its median "
+        "time dropped, in the SD steps; pred(p) = the same from median times, with (1 - p_l) in place of the gates; "
         "E[act]/L = expected active fraction; drawn = active fraction actually drawn; dropped/kept = median "
         "of D_l / K_l over the blocks of a stage (transition: the strided first blocks of stages 2 and 3)")
     return rows

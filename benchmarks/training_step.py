@@ -1,10 +1,11 @@
-"""One training step of ResNet-20/56/110: constant depth vs stochastic depth (measured and predicted
-ratio), minisd vs PyTorch (if installed), where the time goes, and peak memory.
+"""One training step of ResNet-20/56/110: the dropped-block cost, constant depth vs stochastic depth
+(measured and predicted ratio), minisd vs PyTorch (if installed), where the time goes, and peak memory.
 
     python benchmarks/training_step.py [--depths 20 56 110] [--steps 25] [--threads 2] [--no-torch]
 
 All models of one depth take turns step by step (interleaved), so the ratios are measured under
-the same machine load; the table reports medians. See minisd/bench.py for the prediction model.
+the same machine load; the table reports medians. The logic lives in minisd/bench.py (which also
+says how the prediction is made); this script is its long-run entry point.
 """
 import argparse
 import os
@@ -30,6 +31,7 @@ def main():
     parser.add_argument("--memory-depth", type=int, default=110)
     args = parser.parse_args()
     print(bench.set_threads(args.threads))
+    bench.block_table(batch=args.batch_size)
     bench.step_table(args.depths, args.steps, args.final_survival, args.batch_size, use_torch=not args.no_torch)
     bench.phase_table(args.phase_depth, 7, args.batch_size)
     bench.memory_table(args.memory_depth, 5, args.final_survival, args.batch_size)

@@ -63,6 +63,11 @@ class ResNetCifar(Module):
         self.avgpool = GlobalAvgPool2d()
         self.fc = Linear(64, num_classes, dtype=dtype, rng=init_rng)
         self.blocks: list[BasicBlock] = blocks
+        for block in blocks:
+            # Every block's input is the stem's ReLU output or a block's output (a ReLU output,
+            # or a dropped block's shortcut of one): never negative. A dropped block may then
+            # skip its output ReLU (see BasicBlock.forward).
+            block.input_is_relu_output = True
 
     def extra_repr(self):
         return f"depth={self.depth}, schedule={self.schedule!r}, final_survival={self.final_survival}"

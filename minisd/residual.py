@@ -146,6 +146,11 @@ class BasicBlock(Module):
                     N (row mode), or None before any training forward. In evaluation it is None.
         force_gate  force_gate(True | False | None | bool array): fix the gate (None: sample again).
         branch_skipped  True if the last forward did not run the branch.
+        input_is_relu_output  False (the default): make no assumption about the input. A model
+                    sets it to True on blocks whose input is always the output of a ReLU (or of
+                    another such block), as ResNetCifar does: then a dropped block with a
+                    parameter-free shortcut returns shortcut(x) without the output ReLU (see
+                    :meth:`forward`).
     """
 
     def __init__(self, in_channels, out_channels, stride=1, survival_prob=1.0, mode="batch", scale="eval",
@@ -167,6 +172,7 @@ class BasicBlock(Module):
         self.gate = None
         self.branch_skipped = False
         self._forced_gate = None
+        self.input_is_relu_output = False
         self.branch = Sequential(
             Conv2d(in_channels, out_channels, 3, stride, 1, bias=False, dtype=dtype, rng=rng),
             BatchNorm2d(out_channels, dtype=dtype),
@@ -257,6 +263,22 @@ class BasicBlock(Module):
             self.gate = None
             run_branch = multiplier != 0.0  # p = 0 at test time with the paper's rule: f * 0
         self.branch_skipped = not run_branch
+        if not run_branch and self.input_is_relu_output and not isinstance(self.shortcut, Sequential):
+            # The dropped block of a network, for almost nothing. Its input x is a ReLU output,
+            # so x >= 0, and the parameter-free shortcut (identity, or subsample and zero-pad)
+            # keeps s >= 0: ReLU(0 + s) = s, so forward returns s itself (no pass, no mask).
+            # Backward then returns shortcut.backward(dy), without the output ReLU's mask
+            # (x > 0). That mask is the mask of the ReLU that produced x (relu(u) > 0 exactly
+            # where u > 0), which multiplies the gradient by it again on its way back: every
+            # parameter's and the network input's gradient is bit for bit the same. Only the
+            # gradient at this block's input differs, where x == 0 (a dead pixel), taking
+            # ReLU'(0) = 1 there instead of 0 (both are subgradients); the ReLU before it zeroes
+            # those entries. A standalone block (input_is_relu_output False, the default, as in
+            # the gradient checks, which feed negative inputs) keeps the ReLU.
+            # Measured (batch 128, 16 channels 32x32, forward + backward, gate forced off and on,
+            # interleaved, one run): a dropped block cost 2.9% of a kept one with the ReLU
+            # (2.68 / 93.5 ms), 0.03% without it (0.027 / 100 ms); at 64 channels 8x8 1.6% -> 0.04%.
+            return self._keep((None, False, None, multiplier), s)  # no mask: no output ReLU
         if run_branch:
             # The branch's output (a fresh array from its last batch norm, whose cache keeps only
             # the centred values) belongs to this block: scale and sum in place, no new arrays.
@@ -273,6 +295,8 @@ class BasicBlock(Module):
 
     def backward(self, dy):
         mask, ran_branch, row_scale, multiplier = self._take(dy)
+        if mask is None:  # dropped, input known to be a ReLU output: no output ReLU (see forward)
+            return self.shortcut.backward(dy)
         dz = kernels.current().relu_backward(dy, mask)  # a new array: the dy we were given is never written
         dx = self.shortcut.backward(dz)
         if not ran_branch:

@@ -399,3 +399,75 @@ def test_fast_tier_passes_the_directional_check_of_a_resnet_with_dropped_blocks(
     model = models.resnet_cifar(depth=20, dtype="float64", seed=0)
     model.force_gates(GATES)
     directional_check(model, dev(rng.standard_normal((4, 3, 8, 8)))).raise_if_failed()
+
+
+# ------------------------------------------------------------------------------------------------
+# The dropped block of a network: its input is a ReLU output, so no output ReLU
+# ------------------------------------------------------------------------------------------------
+
+
+def _step_with_relu_flags(x_host, labels_host, relu_input_known, gates=GATES):
+    """_resnet_step on the fast tier, with every block told (or not) that its input is a ReLU output."""
+    backend.seed(0)
+    model = models.resnet_cifar(depth=20, dtype=x_host.dtype.name, seed=0)
+    for block in model.blocks:
+        block.input_is_relu_output = relu_input_known
+    model.force_gates(gates)
+    x, labels = dev(x_host), dev(labels_host)
+    logits = model(x)
+    loss, cache = fast.softmax_cross_entropy_forward(logits, labels)
+    model.zero_grad()
+    dx = model.backward(fast.softmax_cross_entropy_backward(1.0, cache))
+    return host(logits), host(dx), {name: host(g).copy() for name, g in model.named_grads()}
+
+
+@pytest.mark.parametrize("gates", [GATES, [False] * 9, [True, False, False, False, False, True, False, False, True]],
+                         ids=["three-dropped", "all-dropped", "transitions-and-runs-dropped"])
+def test_a_network_with_pass_through_dropped_blocks_gives_the_same_bits(rng, gates):
+    """Skipping a dropped block's output ReLU changes no logit, no parameter gradient and not the
+    input gradient, bit for bit (the ReLU that made the block's input applies the same mask),
+    also for runs of dropped blocks and dropped transition blocks."""
+    x = rng.standard_normal((4, 3, 8, 8))
+    labels = np.arange(4) % 10
+    logits_a, dx_a, grads_a = _step_with_relu_flags(x, labels, True, gates)
+    logits_b, dx_b, grads_b = _step_with_relu_flags(x, labels, False, gates)
+    np.testing.assert_array_equal(logits_a, logits_b)
+    np.testing.assert_array_equal(dx_a, dx_b)
+    for name in grads_b:
+        np.testing.assert_array_equal(grads_a[name], grads_b[name], err_msg=name)
+
+
+def test_a_dropped_block_of_a_network_runs_no_relu_and_returns_its_shortcut(rng, monkeypatch):
+    model = models.resnet_cifar(depth=20, dtype="float64", seed=0)
+    assert all(block.input_is_relu_output for block in model.blocks)
+    calls = []
+    for name in ("relu_forward", "relu_backward"):
+        original = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    identity_block, transition_block = model.blocks[1], model.blocks[3]
+    x = dev(np.maximum(rng.standard_normal((2, 16, 8, 8)), 0))
+    identity_block.force_gate(False)
+    y = identity_block(x)
+    assert y is x  # ReLU(0 + x) = x: the input itself, no pass over memory
+    dy = dev(rng.standard_normal(y.shape))
+    assert identity_block.backward(dy) is dy
+    transition_block.force_gate(False)
+    y = transition_block(x)
+    np.testing.assert_array_equal(host(y), host(fast.shortcut_forward(x, 32, 2)[0]))
+    transition_block.backward(dev(rng.standard_normal(y.shape)))
+    assert calls == []
+
+
+def test_a_standalone_dropped_block_keeps_its_output_relu(rng):
+    """A block on its own makes no assumption about its input (gradient checks feed negative
+    values): a dropped block still outputs ReLU(x) and masks its gradient."""
+    from minisd.residual import BasicBlock
+
+    block = BasicBlock(3, 3, dtype="float64")
+    assert block.input_is_relu_output is False
+    block.force_gate(False)
+    x_host = away_from_zero(rng.standard_normal((2, 3, 4, 4)))
+    y = block(dev(x_host))
+    np.testing.assert_array_equal(host(y), np.maximum(x_host, 0))
+    dy_host = rng.standard_normal(y.shape)
+    np.testing.assert_array_equal(host(block.backward(dev(dy_host))), dy_host * (x_host > 0))

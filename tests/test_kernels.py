@@ -471,3 +471,24 @@ def test_a_standalone_dropped_block_keeps_its_output_relu(rng):
     np.testing.assert_array_equal(host(y), np.maximum(x_host, 0))
     dy_host = rng.standard_normal(y.shape)
     np.testing.assert_array_equal(host(block.backward(dev(dy_host))), dy_host * (x_host > 0))
+
+
+def test_device_arrays_run_the_reference_pairs(rng, monkeypatch):
+    """On a GPU the fast tier hands every pair to its reference twin (the CPU tricks launch more
+    kernels there): with arrays that count as device arrays, the reference runs."""
+    called = []
+    for name in ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"):
+        original = getattr(functional, name)
+        monkeypatch.setattr(functional, name, lambda *a, _f=original, _n=name, **k: called.append(_n) or _f(*a, **k))
+    x = dev(rng.standard_normal((2, 3, 6, 6)))
+    w = dev(rng.standard_normal((4, 3, 3, 3)))
+    y, cache = fast.conv2d_forward(x, w, None, 1, 1)
+    assert called == []  # host arrays: the fast path
+    monkeypatch.setattr(fast, "is_device_array", lambda a: True)
+    y, cache = fast.conv2d_forward(x, w, None, 1, 1)
+    fast.conv2d_backward(dev(np.ones(y.shape)), cache)
+    fast.batch_norm_forward(y, dev(np.ones(4)), dev(np.zeros(4)))
+    fast.relu_forward(y)
+    fast.shortcut_forward(x, 6, 2)
+    assert called == ["conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"]
+    assert fast.conv2d_forward.__name__ == "conv2d_forward" and "cross-correlation" in fast.conv2d_forward.__doc__

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from minisd import backend, data, models, optim, train
+from minisd import backend, data, models, optim, plots, train
 from minisd import functional as F
 
 
@@ -154,3 +154,165 @@ def test_gradient_magnitudes_state_round_trip_is_exact():
     assert copy.summary() == {"first_conv_grad": None, "block_grad": [None, None, None]}
     with pytest.raises(ValueError, match="3"):
         train.GradientMagnitudes(model.conv1, model.blocks[:2]).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# The figures
+# ----------------------------------------------------------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def fake_run(seed, scale, epochs=6, blocks=3):
+    """Epoch records as minisd.train writes them: gradients shrinking, test error falling."""
+    rng = np.random.default_rng(seed)
+    return [{"epoch": e, "lr": 0.1 if e <= 3 else 0.01, "train_loss": 2.0 / e * (1 + 0.1 * rng.random()),
+             "test_acc": 1 - 0.5 / e * scale * (1 + 0.1 * rng.random()), "first_conv_grad": scale * 0.04 / e * (1 + 0.1 * rng.random()),
+             "block_grad": [0.01] * (blocks - 1) + [None]} for e in range(1, epochs + 1)]
+
+
+@pytest.fixture
+def no_pyplot_figures():
+    """The new figures are plain matplotlib.figure.Figure objects: pyplot's list stays empty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    yield
+    assert plt.get_fignums() == []
+
+
+def test_seed_matrix_lines_up_epochs_and_turns_null_into_nan():
+    runs = [fake_run(0, 1.0), fake_run(1, 1.0)[:4]]                     # the second seed stopped early
+    epochs, values = plots.seed_matrix(runs, "first_conv_grad")
+    assert list(epochs) == [1, 2, 3, 4, 5, 6] and values.shape == (2, 6)
+    assert np.isnan(values[1, 4:]).all() and np.isfinite(values[0]).all()
+    _, blocks = plots.seed_matrix(runs, "block_grad")
+    assert np.isnan(blocks).all()                                       # lists are not numbers
+
+
+def test_gradient_magnitude_figure(tmp_path, no_pyplot_figures):
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+
+
+
+    runs = {"constant depth": [fake_run(s, 1.0) for s in range(3)],
+            "stochastic depth": [fake_run(10 + s, 1.5) for s in range(3)]}
+    fig = plots.gradient_magnitude(runs, save=tmp_path / "g.png")
+    assert isinstance(fig, Figure)
+    ax, ratio_ax = fig.axes
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "epoch" and "first conv" in ax.get_ylabel()
+    mean_lines = [line for line in ax.get_lines() if line.get_label() in runs]
+    assert len(mean_lines) == 2
+    expected = np.mean([[r["first_conv_grad"] for r in run] for run in runs["constant depth"]], axis=0)
+    np.testing.assert_allclose(mean_lines[0].get_ydata(), expected)
+    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2   # one band per label
+    assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_label() == "learning rate ÷ 10"] == [3.5]
+    sd_ratio = [line for line in ratio_ax.get_lines() if line.get_label() == "stochastic depth"][0]
+    sd_mean = np.mean([[r["first_conv_grad"] for r in run] for run in runs["stochastic depth"]], axis=0)
+    np.testing.assert_allclose(sd_ratio.get_ydata(), sd_mean / expected)
+    assert ratio_ax.get_legend() is not None and ax.get_legend() is not None
+    assert_png(tmp_path / "g.png")
+
+
+def test_test_error_curves_figure(tmp_path, no_pyplot_figures):
+
+
+    runs = {"constant depth": [fake_run(s, 1.0) for s in range(3)], "one seed": [fake_run(7, 0.5)]}
+    fig = plots.test_error_curves(runs, save=tmp_path / "t.png")
+    error_ax, loss_ax = fig.axes
+    assert error_ax.get_yscale() == "log" and loss_ax.get_yscale() == "log"
+    assert error_ax.get_ylabel() == "test error (%)" and "loss" in loss_ax.get_ylabel()
+    labels = error_ax.get_legend_handles_labels()[1]
+    last = [100 * (1 - r[-1]["test_acc"]) for r in runs["constant depth"]]
+    assert f"constant depth: {np.mean(last):.1f} ± {np.std(last, ddof=1):.1f}% in the last epoch" in labels
+    one = 100 * (1 - runs["one seed"][0][-1]["test_acc"])
+    assert f"one seed: {one:.1f}% in the last epoch" in labels          # no spread for one seed
+    assert len(error_ax.collections) == 1                               # a band only where there are seeds
+    assert_png(tmp_path / "t.png")
+
+
+def test_fit_step_time_recovers_a_line_despite_slow_outliers():
+
+
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 28, 120)
+    seconds = 0.010 + 0.002 * k + rng.normal(0, 1e-4, k.size)
+    seconds[::10] += 0.05                                               # other programs stole time
+    fit = plots.fit_step_time(k, seconds)
+    assert fit["per_block_s"] == pytest.approx(0.002, rel=0.03)
+    assert fit["fixed_s"] == pytest.approx(0.010, abs=5e-4)
+    least_squares = np.polyfit(k, seconds, 1)
+    assert abs(least_squares[1] - 0.010) > 3 * abs(fit["fixed_s"] - 0.010)   # what the robust fit avoids
+    with pytest.raises(ValueError, match="same number of blocks"):
+        plots.fit_step_time([5, 5, 5], [1.0, 2.0, 3.0])
+
+
+def test_step_time_figure(tmp_path, no_pyplot_figures):
+
+
+    k = np.repeat(np.arange(0, 55, 6), 4)
+    seconds = 0.01 + 0.0015 * k
+    fig = plots.step_time_vs_active_blocks(k, seconds, num_blocks=54, expected_active=40.25, save=tmp_path / "s.png")
+    (ax,) = fig.axes
+    assert ax.get_xlabel() and "ms" in ax.get_ylabel()
+    fit_line = [line for line in ax.get_lines() if line.get_label().startswith("fit:")][0]
+    np.testing.assert_allclose(fit_line.get_ydata(), [10.0, 10.0 + 1.5 * 54])
+    assert fit_line.get_label() == "fit: 10.0 ms + 1.50 ms per block"
+    text = ax.texts[0].get_text()
+    saving = 1 - (0.01 + 0.0015 * 40.25) / (0.01 + 0.0015 * 54)
+    assert f"predicted saving {saving:.0%} (the paper: ~25%)" in text
+    assert_png(tmp_path / "s.png")
+
+
+def test_monte_carlo_convergence_figure(tmp_path, no_pyplot_figures):
+    from matplotlib.collections import PolyCollection
+
+
+
+    rng = np.random.default_rng(0)
+    gates = rng.random(400) < 0.5
+    test_output = np.array([[1.0, 2.0], [3.0, 4.0]])
+    branch = np.array([[0.0, 0.0], [0.0, 2.0]])                          # only unit (1, 1) varies
+    eval_rule = (test_output - 0.5 * branch) + gates[:, None, None] * branch
+    fig = plots.monte_carlo_convergence({"eval": (eval_rule, test_output)}, save=tmp_path / "m.png")
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "gate draws n"
+    running = [line for line in ax.get_lines() if line.get_label().startswith("running mean")][0]
+    np.testing.assert_allclose(running.get_ydata()[-1], eval_rule[:, 1, 1].mean())   # the unit that varies
+    sigma = eval_rule[:, 1, 1].std(ddof=1)
+    z = (eval_rule[:, 1, 1].mean() - 4.0) / (sigma / np.sqrt(400))
+    assert f"{z:+.1f} σ/√n" in ax.get_title()
+    band = [c for c in ax.collections if isinstance(c, PolyCollection)][0]
+    top = band.get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx(4.0 + 2 * sigma)                        # at n = 1
+    assert_png(tmp_path / "m.png")
+
+
+def test_branch_gradient_norms_figure(tmp_path, no_pyplot_figures):
+
+
+    model = models.resnet_cifar(depth=14, in_channels=1, seed=0)
+    model.force_gates([True, False, True, True, False, True])
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    x = backend.to_device(x, backend.backend_of(model.conv1.params["weight"]))
+    loss, cache = F.softmax_cross_entropy_forward(model(x), np.arange(4))
+    model.zero_grad()
+    model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+    fig = plots.branch_gradient_norms(model, save=tmp_path / "b.png")
+    (ax,) = fig.axes
+    (bars,) = ax.containers
+    assert [round(p.get_x() + p.get_width() / 2) for p in bars] == [0, 2, 3, 5]   # bars: the kept blocks
+    assert all(p.get_height() > 0 for p in bars)
+    crosses = [line for line in ax.get_lines() if line.get_label().startswith("dropped")][0]
+    assert list(crosses.get_xdata()) == [1, 4] and list(crosses.get_ydata()) == [0, 0]
+    assert "2 of 6 dropped" in ax.get_title()
+    assert_png(tmp_path / "b.png")

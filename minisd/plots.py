@@ -654,14 +654,30 @@ __all__ += [
 SEED_BAND_ALPHA = 0.2
 
 
+def _figure_class():
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    class NotebookFigure(Figure):
+        """A plain Figure that shows itself in a notebook (IPython calls _repr_png_), with no
+        pyplot import and no inline-backend set-up needed."""
+
+        def _repr_png_(self):
+            import io  # noqa: PLC0415
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+            return buffer.getvalue()
+
+    return NotebookFigure
+
+
 @contextlib.contextmanager
 def _figure(figsize, nrows=1, ncols=1, **subplot_kw):
     """(fig, axes) of a new matplotlib.figure.Figure in the lecture style (no pyplot involved)."""
     import matplotlib  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
 
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=figsize)
+        fig = _figure_class()(figsize=figsize)
         axes = fig.subplots(nrows, ncols, **subplot_kw)
         yield fig, axes
 

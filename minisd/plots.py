@@ -639,6 +639,7 @@ def trace_event(event, max_channels: int = 8, save=None):
 # * step_time_vs_active_blocks  step time against the number of blocks that ran, with a fit
 # * monte_carlo_convergence     training outputs averaged over gate draws vs the test output
 # * branch_gradient_norms       each block's branch gradient after one step, dropped blocks marked
+# * survival_sweep              test error against p_L for the survival rules (the paper's Figure 6)
 # ----------------------------------------------------------------------------------------------
 
 __all__ += [
@@ -649,6 +650,7 @@ __all__ += [
     "step_time_vs_active_blocks",
     "monte_carlo_convergence",
     "branch_gradient_norms",
+    "survival_sweep",
 ]
 
 SEED_BAND_ALPHA = 0.2
@@ -973,5 +975,32 @@ def branch_gradient_norms(model, save=None):
         ax.set_xlim(-0.7, len(norms) - 0.3)
         ax.set_ylim(0, top * 1.3 if top > 0 else 1)
         ax.legend(frameon=False, loc="upper right", ncol=2)
+        fig.tight_layout()
+    return _finish(fig, save)
+
+
+def survival_sweep(results: dict, reference: float | None = None, ylabel: str = "test error (%)", title=None,
+                   save=None):
+    """A value (test error, say) against p_L, one line per survival rule (the paper's Figure 6).
+
+    results: rule label -> {p_L: list of values, one per seed}. The line joins the means; single
+    seeds are dots. reference: a horizontal dashed line (e.g. constant depth's mean), optional.
+    """
+    with _figure((9, 5)) as (fig, ax):
+        for k, (label, points) in enumerate(results.items()):
+            color = RUN_COLORS[(k + 1) % len(RUN_COLORS)]
+            p_values = sorted(points)
+            means = [float(numpy.mean(points[p])) for p in p_values]
+            ax.plot(p_values, means, "-o", color=color, lw=2.2, ms=7, label=f"{label} (mean of the seeds run)")
+            for p in p_values:
+                values = numpy.asarray(points[p], dtype=float)
+                ax.plot(numpy.full(values.size, p), values, ".", color=color, ms=10, alpha=0.45)
+        if reference is not None:
+            ax.axhline(reference, color=CONSTANT_COLOR, lw=1.5, ls="--", label=f"constant depth: {reference:.2f}")
+        ax.set_xlabel("$p_L$, survival probability of the last block (1 = constant depth)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or f"{ylabel[0].upper() + ylabel[1:]} against $p_L$ (dots: single seeds)")
+        ax.set_ylim(bottom=0)
+        ax.legend(frameon=False, loc="best")
         fig.tight_layout()
     return _finish(fig, save)

@@ -316,3 +316,16 @@ def test_branch_gradient_norms_figure(tmp_path, no_pyplot_figures):
     assert list(crosses.get_xdata()) == [1, 4] and list(crosses.get_ydata()) == [0, 0]
     assert "2 of 6 dropped" in ax.get_title()
     assert_png(tmp_path / "b.png")
+
+
+def test_survival_sweep_figure(tmp_path, no_pyplot_figures):
+    results = {"linear": {0.2: [3.0], 0.5: [2.0, 2.5, 1.5], 1.0: [2.8, 3.2]}, "uniform": {0.2: [9.0], 0.5: [4.0]}}
+    fig = plots.survival_sweep(results, reference=3.0, save=tmp_path / "p.png")
+    (ax,) = fig.axes
+    means = [line for line in ax.get_lines() if line.get_label().startswith("linear")][0]
+    assert list(means.get_xdata()) == [0.2, 0.5, 1.0] and list(means.get_ydata()) == [3.0, 2.0, 3.0]
+    dots = [line for line in ax.get_lines() if line.get_marker() == "." and len(line.get_xdata()) == 3]
+    assert len(dots) == 1 and list(dots[0].get_ydata()) == [2.0, 2.5, 1.5]   # the three seeds at p_L = 0.5
+    assert any(line.get_label() == "constant depth: 3.00" for line in ax.get_lines())
+    assert ax.get_xlabel().startswith("$p_L$") and ax.get_ylabel() == "test error (%)"
+    assert_png(tmp_path / "p.png")

@@ -13,6 +13,10 @@ Fonts are sized for a projector (about 13 pt at the figure's natural size).
 * :func:`network`             a map of a traced network: blocks, dropped branches, gradient per edge
 * :func:`stepper_frame`       what the stepper (minisd.stepper) shows: an event beside the map
 * :func:`trace_event`         the picture the trace stepper draws for one event
+
+and, for the paper's claims (the last section of this file): :func:`gradient_magnitude` (its
+Figure 8), :func:`test_error_curves`, :func:`step_time_vs_active_blocks`,
+:func:`monte_carlo_convergence`, :func:`branch_gradient_norms`.
 """
 from __future__ import annotations
 
@@ -63,23 +67,24 @@ _STYLE = {
 }
 
 
-def _plt():
-    import matplotlib.pyplot as plt  # noqa: PLC0415  (import lazily: minisd itself does not need it)
+class _PlainFigures:
+    """What the figure functions below call for a new figure: ``figures.subplots(...)`` returns
+    (fig, axes) like pyplot's, but fig is a plain Figure that pyplot never hears of (see "Trace
+    figures" below for why), and that a notebook shows through its ``_repr_png_``."""
 
-    return plt
+    @staticmethod
+    def subplots(nrows=1, ncols=1, figsize=None, **kwargs):
+        fig = _figure_class()(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 @contextlib.contextmanager
 def _style():
-    plt = _plt()
-    # Resolve the backend before rc_context: rc_context restores every rcParam on exit, and a backend
-    # chosen inside it (Jupyter's inline backend turns interactive mode on) would be switched off again,
-    # so later figures would no longer show in a notebook.
-    plt.get_backend()
-    with plt.rc_context(_STYLE):
-        yield plt
-        interactive = plt.isinteractive()
-    plt.interactive(interactive)
+    """The lecture style (large fonts, no top and right spines) for the figures made inside."""
+    import matplotlib  # noqa: PLC0415  (import lazily: minisd itself does not need it)
+
+    with matplotlib.rc_context(_STYLE):
+        yield _PlainFigures
 
 
 def _bare(ax):
@@ -133,8 +138,8 @@ def survival_schedules(num_blocks: int = 54, final_survival: float = 0.5, unifor
         (f"linear decay to $p_L$ = {final_survival:g}", linear, KEPT_COLOR, "-"),
         (f"uniform $p$ = {uniform_survival:.3g}", flat, "#009E73", "--"),
     ]
-    with _style() as plt:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.1, 1]})
+    with _style() as figures:
+        fig, (ax, ax2) = figures.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.1, 1]})
         ax.plot(blocks, [1.0] * num_blocks, color=CONSTANT_COLOR, lw=2, ls=":",
                 label=f"constant depth (all {num_blocks} blocks)")
         for label, probs, color, ls in schedules:
@@ -195,12 +200,12 @@ def gate_activity(gates, survival_probs=None, save=None):
     """
     matrix = _gate_matrix(gates).T  # blocks x steps
     num_blocks, num_steps = matrix.shape
-    with _style() as plt:
+    with _style() as figures:
         from matplotlib.colors import LinearSegmentedColormap  # noqa: PLC0415
         from matplotlib.patches import Patch  # noqa: PLC0415
 
         cmap = LinearSegmentedColormap.from_list("gates", ["#F4D8C8", KEPT_COLOR])
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 0.16 * num_blocks + 3.2), sharey=True,
+        fig, (ax, ax2) = figures.subplots(1, 2, figsize=(12, 0.16 * num_blocks + 3.2), sharey=True,
                                       gridspec_kw={"width_ratios": [4, 1]})
         ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
                   extent=(0.5, num_steps + 0.5, num_blocks + 0.5, 0.5))
@@ -252,10 +257,10 @@ def gradient_flow(runs: dict, log_scale: bool = True, save=None):
     with the individual steps as dots).
     """
     data = {label: _as_data_list(run) for label, run in runs.items()}
-    with _style() as plt:
+    with _style() as figures:
         from matplotlib.lines import Line2D  # noqa: PLC0415
 
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.6, 1]})
+        fig, (ax, ax2) = figures.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.6, 1]})
         for k, (label, steps) in enumerate(data.items()):
             color = RUN_COLORS[k % len(RUN_COLORS)]
             first = steps[0]
@@ -395,8 +400,8 @@ def training_curves(runs, save=None):
     if not isinstance(runs, dict):
         runs = {os.path.basename(os.path.normpath(os.fspath(r))): r for r in runs}
     data = {label: (r if isinstance(r, dict) else read_metrics(r)) for label, r in runs.items()}
-    with _style() as plt:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    with _style() as figures:
+        fig, axes = figures.subplots(1, 3, figsize=(15, 4.5))
         ax_loss, ax_acc, ax_time = axes
         bar_width = 0.8 / max(1, len(data))
         for k, (label, m) in enumerate(data.items()):
@@ -467,8 +472,8 @@ def conv_filters(model, layer: str = "conv1", input_channel: int | None = None, 
     out_ch, in_ch = weight.shape[:2]
     rows, cols = _grid(out_ch)
     colour = in_ch == 3 and input_channel is None
-    with _style() as plt:
-        fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows + 1.0), squeeze=False)
+    with _style() as figures:
+        fig, axes = figures.subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows + 1.0), squeeze=False)
         if colour:
             lo, hi = weight.min(), weight.max()
             what = "RGB (min-max scaled)"
@@ -532,9 +537,9 @@ def feature_maps(model, image, layers=None, channels: int = 8, save=None):
         model.train(was_training)
     maps = {name: t.find(name, "forward").out_array[0] for name in layers}
     picture = numpy.asarray(backend.to_numpy(x[0]), dtype=float)
-    with _style() as plt:
+    with _style() as figures:
         # Columns: the input image, a narrow column for the layer names, then the maps.
-        fig, axes = plt.subplots(len(layers), channels + 2, figsize=(1.25 * channels + 2.3, 1.3 * len(layers) + 0.9),
+        fig, axes = figures.subplots(len(layers), channels + 2, figsize=(1.25 * channels + 2.3, 1.3 * len(layers) + 0.9),
                                  squeeze=False, gridspec_kw={"width_ratios": [1, 0.75] + [1] * channels})
         for row, name in enumerate(layers):
             a = maps[name]
@@ -1071,3 +1076,387 @@ def stepper_frame(trace, event, title: str = "", limits=None, max_channels: int 
         _draw_network(fig, fig.add_subplot(right[0]), fig.add_subplot(right[1]), trace, event, data, norm)
     fig.suptitle((title + "   " if title else "") + _event_title(event), fontsize=14, x=0.01, ha="left")
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's claims: gradient magnitude over training, test error with seeds, time per step,
+# the two scale rules, the gradient of dropped branches
+#
+# These figures are built on matplotlib.figure.Figure directly (not pyplot's list of figures), so
+# they are safe from any thread and never shown twice. In a notebook, end the cell with the figure
+# (or call display(fig)) to show it.
+#
+# * gradient_magnitude          mean |gradient| at the first conv per epoch, over seeds (Figure 8)
+# * test_error_curves           test error and training loss per epoch, mean and spread over seeds
+# * step_time_vs_active_blocks  step time against the number of blocks that ran, with a fit
+# * monte_carlo_convergence     training outputs averaged over gate draws vs the test output
+# * branch_gradient_norms       each block's branch gradient after one step, dropped blocks marked
+# * survival_sweep              test error against p_L for the survival rules (the paper's Figure 6)
+# ----------------------------------------------------------------------------------------------
+
+__all__ += [
+    "gradient_magnitude",
+    "test_error_curves",
+    "seed_matrix",
+    "fit_step_time",
+    "step_time_vs_active_blocks",
+    "monte_carlo_convergence",
+    "branch_gradient_norms",
+    "survival_sweep",
+]
+
+SEED_BAND_ALPHA = 0.2
+
+
+def _figure_class():
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    class NotebookFigure(Figure):
+        """A plain Figure that shows itself in a notebook (IPython calls _repr_png_), with no
+        pyplot import and no inline-backend set-up needed."""
+
+        def _repr_png_(self):
+            import io  # noqa: PLC0415
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+            return buffer.getvalue()
+
+    return NotebookFigure
+
+
+@contextlib.contextmanager
+def _figure(figsize, nrows=1, ncols=1, **subplot_kw):
+    """(fig, axes) of a new matplotlib.figure.Figure in the lecture style (no pyplot involved)."""
+    import matplotlib  # noqa: PLC0415
+
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure_class()(figsize=figsize)
+        axes = fig.subplots(nrows, ncols, **subplot_kw)
+        yield fig, axes
+
+
+def _records(run) -> list[dict]:
+    """The epoch records of one run: a run folder, its metrics.jsonl, or the list of records."""
+    if isinstance(run, (list, tuple)) and (not run or isinstance(run[0], dict)):
+        return list(run)
+    return read_metrics(run)["raw"]
+
+
+def _seed_runs(value) -> list[list[dict]]:
+    """One label's runs (one per seed): a run folder, a list of run folders, or lists of records."""
+    if isinstance(value, (str, os.PathLike)) or (isinstance(value, (list, tuple)) and value
+                                                 and isinstance(value[0], dict)):
+        value = [value]
+    return [_records(run) for run in value]
+
+
+def seed_matrix(runs, key: str):
+    """(epochs, values): ``values[s, e]`` is ``key`` of seed s at epoch e (NaN where missing or null).
+
+    runs: one label's runs, as :func:`gradient_magnitude` takes them. Epochs are the union over the
+    seeds, in order.
+    """
+    per_seed = _seed_runs(runs)
+    epochs = sorted({int(r["epoch"]) for records in per_seed for r in records if "epoch" in r})
+    column = {e: k for k, e in enumerate(epochs)}
+    values = numpy.full((len(per_seed), len(epochs)), numpy.nan)
+    for s, records in enumerate(per_seed):
+        for r in records:
+            value = r.get(key)
+            if "epoch" in r and _is_number(value):
+                values[s, column[int(r["epoch"])]] = value
+    return numpy.asarray(epochs), values
+
+
+def _lr_drops(runs) -> list[float]:
+    """Epochs after which the learning rate changed (from the first run of the first label)."""
+    first = _seed_runs(next(iter(runs.values())))[0]
+    rates = [(int(r["epoch"]), r.get("lr")) for r in first if _is_number(r.get("lr"))]
+    return [e0 + 0.5 for (e0, a), (_, b) in zip(rates, rates[1:]) if not math.isclose(a, b)]
+
+
+def _mean_and_band(ax, epochs, values, color, label, ls="-", marker="o"):
+    """Mean over seeds as a line, lowest to highest seed as a band; returns the mean."""
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch no seed reached stays NaN, silently
+        mean = numpy.nanmean(values, axis=0)
+        low, high = numpy.nanmin(values, axis=0), numpy.nanmax(values, axis=0)
+    ax.plot(epochs, mean, ls, color=color, lw=2.2, marker=marker, ms=3.5, label=label)
+    if values.shape[0] > 1:
+        ax.fill_between(epochs, low, high, color=color, alpha=SEED_BAND_ALPHA, lw=0)
+    return mean
+
+
+def _mark_lr_drops(ax, drops):
+    for k, epoch in enumerate(drops):
+        ax.axvline(epoch, color="#999999", lw=1, ls=":", zorder=0,
+                   label="learning rate ÷ 10" if k == 0 else None)
+
+
+def _seed_note(runs) -> str:
+    counts = sorted({len(_seed_runs(v)) for v in runs.values()})
+    if counts == [1]:
+        return "one seed"
+    what = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"line: mean of {what} seeds; band: lowest to highest seed"
+
+
+def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool = True, save=None):
+    """The paper's Figure 8: mean |gradient| at the first convolution over training.
+
+    runs: label -> the runs of one configuration, one per seed (run folders, or their record
+    lists); the records need ``first_conv_grad`` (written by ``minisd.train``). Left: the
+    epoch's mean absolute gradient of the stem convolution's weight, mean over seeds with the
+    spread as a band. Right: each configuration's mean divided by the reference's (default: the
+    first label), so "larger with stochastic depth" reads as a line above 1.
+    """
+    labels = list(runs)
+    reference = labels[0] if reference is None else reference
+    curves = {label: seed_matrix(runs[label], "first_conv_grad") for label in labels}
+    drops = _lr_drops(runs)
+    with _figure((14, 5.2), 1, 2, gridspec_kw={"width_ratios": [1.35, 1]}) as (fig, (ax, ax2)):
+        means = {}
+        for k, label in enumerate(labels):
+            epochs, values = curves[label]
+            means[label] = (epochs, _mean_and_band(ax, epochs, values, RUN_COLORS[k % len(RUN_COLORS)], label))
+        _mark_lr_drops(ax, drops)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean |∂L/∂W| of the first conv layer")
+        ax.set_title("Gradient magnitude at the first convolution")
+        ax.legend(frameon=False, loc="best")
+        ref_epochs, ref_mean = means[reference]
+        ax2.axhline(1.0, color=RUN_COLORS[labels.index(reference) % len(RUN_COLORS)], lw=2, ls="--",
+                    label=f"{reference} (= 1)")
+        for k, label in enumerate(labels):
+            if label == reference:
+                continue
+            epochs, mean = means[label]
+            common = numpy.intersect1d(epochs, ref_epochs)
+            ratio = mean[numpy.searchsorted(epochs, common)] / ref_mean[numpy.searchsorted(ref_epochs, common)]
+            ax2.plot(common, ratio, "-o", color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.2, ms=3.5, label=label)
+        _mark_lr_drops(ax2, drops)
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel(f"ratio to {reference}")
+        ax2.set_title("Relative to " + reference)
+        ax2.legend(frameon=False, loc="best")
+        for a in (ax, ax2):
+            a.xaxis.get_major_locator().set_params(integer=True)
+        fig.suptitle(f"Mean gradient magnitude per epoch ({_seed_note(runs)})", fontsize=14)
+        fig.tight_layout()
+    return _finish(fig, save)
+
+
+def test_error_curves(runs: dict, log_scale: bool = True, save=None):
+    """Test error and training loss per epoch of several configurations, each over seeds.
+
+    runs: label -> the runs of one configuration, one per seed (run folders or record lists; the
+    records need ``test_acc`` and ``train_loss``). Left: test error in percent (the model after
+    each epoch, as the paper plots it); the legend gives the last epoch's mean and standard
+    deviation over seeds. Right: training loss. Both on log scales by default, so the first
+    epochs (or one spike) do not flatten the differences of a few tenths of a percent at the end.
+    """
+    labels = list(runs)
+    drops = _lr_drops(runs)
+    with _figure((14, 5.2), 1, 2) as (fig, (ax, ax2)):
+        for k, label in enumerate(labels):
+            color = RUN_COLORS[k % len(RUN_COLORS)]
+            epochs, acc = seed_matrix(runs[label], "test_acc")
+            error = 100.0 * (1.0 - acc)
+            last = error[:, -1][numpy.isfinite(error[:, -1])]
+            spread = f" ± {numpy.std(last, ddof=1):.1f}" if last.size > 1 else ""
+            _mean_and_band(ax, epochs, error, color, f"{label}: {numpy.mean(last):.1f}{spread}% in the last epoch")
+            epochs, loss = seed_matrix(runs[label], "train_loss")
+            _mean_and_band(ax2, epochs, loss, color, label)
+        for a in (ax, ax2):
+            _mark_lr_drops(a, drops)
+            a.set_xlabel("epoch")
+            a.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("test error (%)")
+        ax.set_title("Test error after each epoch" + (" (log scale)" if log_scale else ""))
+        if log_scale:
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: PLC0415
+
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.set_ylim(bottom=0)
+        ax.legend(frameon=False, loc="upper right", fontsize=10)
+        if log_scale:
+            ax2.set_yscale("log")
+        ax2.set_ylabel("training loss (cross-entropy)")
+        ax2.set_title("Training loss" + (" (log scale)" if log_scale else ""))
+        ax2.legend(frameon=False, loc="upper right", fontsize=10)
+        fig.suptitle(f"Test error and training loss ({_seed_note(runs)})", fontsize=14)
+        fig.tight_layout()
+    return _finish(fig, save)
+
+
+def fit_step_time(active_blocks, seconds) -> dict:
+    """seconds ≈ fixed + per_block * active_blocks, fitted robustly (Theil-Sen: the median of the
+    slopes between all pairs of points, then the median intercept), so steps slowed down by other
+    programs on the machine do not pull the line. Returns {"fixed_s", "per_block_s", "points"}."""
+    k = numpy.asarray(active_blocks, dtype=float)
+    t = numpy.asarray(seconds, dtype=float)
+    if k.shape != t.shape or k.size < 2:
+        raise ValueError(f"fit_step_time: expected two equal-length sequences of >= 2 numbers, got {k.shape}, {t.shape}")
+    i, j = numpy.triu_indices(k.size, 1)
+    apart = k[i] != k[j]
+    if not apart.any():
+        raise ValueError("fit_step_time: every step ran the same number of blocks; a slope needs two")
+    slope = float(numpy.median((t[j] - t[i])[apart] / (k[j] - k[i])[apart]))
+    fixed = float(numpy.median(t - slope * k))
+    return {"fixed_s": fixed, "per_block_s": slope, "points": int(k.size)}
+
+
+def step_time_vs_active_blocks(active_blocks, seconds, num_blocks: int, expected_active: float | None = None,
+                               paper_saving: float = 0.25, measured_saving: float | None = None,
+                               title: str | None = None, save=None):
+    """Time of one training step against the number of residual blocks that ran in it.
+
+    active_blocks, seconds: one entry per timed step. A robust straight line (:func:`fit_step_time`)
+    gives the fixed cost (stem, head, loss, optimizer) and the cost per block. With
+    ``expected_active`` (sum of p_l of a schedule) the figure marks the predicted stochastic-depth
+    step against the all-blocks step, and prints the predicted saving beside the paper's (~25%
+    for ResNet-110, p_L = 0.5). measured_saving: a saving timed separately (e.g. from interleaved
+    steps with the schedule's gates), printed beside the prediction.
+    """
+    fit = fit_step_time(active_blocks, seconds)
+    k = numpy.asarray(active_blocks, dtype=float)
+    t_ms = 1e3 * numpy.asarray(seconds, dtype=float)
+    jitter = numpy.random.default_rng(0).uniform(-0.25, 0.25, k.size)  # see overlapping points
+    with _figure((10, 5.6)) as (fig, ax):
+        ax.plot(k + jitter, t_ms, "o", color=KEPT_COLOR, alpha=0.5, ms=6, mew=0, label=f"{k.size} timed steps")
+        line_k = numpy.array([0.0, float(num_blocks)])
+        ax.plot(line_k, 1e3 * (fit["fixed_s"] + fit["per_block_s"] * line_k), "-", color="black", lw=2.2,
+                label=f"fit: {1e3 * fit['fixed_s']:.1f} ms + {1e3 * fit['per_block_s']:.2f} ms per block")
+        full = fit["fixed_s"] + fit["per_block_s"] * num_blocks
+        lines = [f"all {num_blocks} blocks: {1e3 * full:.0f} ms"]
+        if expected_active is not None:
+            expected = fit["fixed_s"] + fit["per_block_s"] * expected_active
+            saving = 1.0 - expected / full
+            ax.plot([expected_active], [1e3 * expected], "D", color=DROPPED_COLOR, ms=11, zorder=5,
+                    label=f"stochastic depth, E[blocks] = {expected_active:.1f}")
+            ax.plot([num_blocks], [1e3 * full], "s", color=CONSTANT_COLOR, ms=10, zorder=5, label="constant depth")
+            lines += [f"E[blocks] = {expected_active:.1f}: {1e3 * expected:.0f} ms",
+                      f"predicted saving {saving:.0%} (the paper: ~{paper_saving:.0%})"]
+        if measured_saving is not None:
+            lines.append(f"measured saving {measured_saving:.0%}")
+        ax.text(0.02, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=12,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#BBBBBB"})
+        ax.set_xlim(-1, num_blocks + 1)
+        ax.set_ylim(0, max(float(numpy.percentile(t_ms, 99)), 1e3 * full) * 1.15)
+        ax.set_xlabel("residual blocks that ran in the step")
+        ax.set_ylabel("time of one training step (ms)")
+        ax.set_title(title or "Each dropped block saves its forward and backward")
+        ax.legend(frameon=False, loc="lower right")
+        fig.tight_layout()
+    return _finish(fig, save)
+
+
+def _running_mean(samples):
+    return numpy.cumsum(samples, axis=0) / numpy.arange(1, samples.shape[0] + 1).reshape(-1, *[1] * (samples.ndim - 1))
+
+
+def monte_carlo_convergence(runs: dict, unit=None, save=None):
+    """Running mean of a block's training-mode output over many gate draws, against its test output.
+
+    runs: label (e.g. the scale rule) -> (draws, test_output): ``draws`` of shape (n, ...) holds n
+    training-mode outputs (each with its own gate), ``test_output`` the evaluation-mode output.
+    unit: the index (a tuple into one output) to follow; default: per label, the unit whose draws
+    vary most. One panel per label: the running mean after n draws, the test output, and the band
+    test output ± 2 sigma / sqrt(n) (sigma: the standard deviation of the single draws), inside
+    which the running mean stays about 95% of the time if the test output is its expectation.
+    """
+    labels = list(runs)
+    with _figure((6.2 * len(labels) + 0.6, 4.8), 1, len(labels), squeeze=False) as (fig, axes):
+        for k, label in enumerate(labels):
+            ax = axes[0, k]
+            draws, test_output = runs[label]
+            draws = numpy.asarray(backend.to_numpy(draws), dtype=float)
+            test_output = numpy.asarray(backend.to_numpy(test_output), dtype=float)
+            flat = draws.reshape(draws.shape[0], -1)
+            index = (int(numpy.argmax(flat.std(axis=0))) if unit is None
+                     else int(numpy.ravel_multi_index(unit, test_output.shape)))
+            series, target = flat[:, index], float(test_output.reshape(-1)[index])
+            sigma = float(series.std(ddof=1))
+            n = numpy.arange(1, series.size + 1)
+            mean = _running_mean(series)
+            ax.fill_between(n, target - 2 * sigma / numpy.sqrt(n), target + 2 * sigma / numpy.sqrt(n),
+                            color=KEPT_COLOR, alpha=SEED_BAND_ALPHA, lw=0, label="test output ± 2σ/√n")
+            ax.axhline(target, color="black", lw=1.8, ls="--", label=f"test output {target:.3f}")
+            ax.plot(n, mean, color=DROPPED_COLOR, lw=2, label="running mean of training outputs")
+            z = (mean[-1] - target) / (sigma / math.sqrt(series.size))
+            ax.set_xscale("log")
+            ax.set_xlabel("gate draws n")
+            ax.set_ylabel("output of one unit")
+            ax.set_title(f"{label}\nafter {series.size} draws: {z:+.1f} σ/√n from the test output", fontsize=13)
+            spread = 4 * sigma / math.sqrt(10)
+            ax.set_ylim(target - spread, target + spread)
+            ax.legend(frameon=False, loc="upper right", fontsize=10)
+        fig.tight_layout()
+    return _finish(fig, save)
+
+
+def branch_gradient_norms(model, save=None):
+    """After one training backward: the norm of each block's branch-parameter gradient, one bar
+    per block; blocks dropped in that step are marked (their bars are exactly zero)."""
+    norms, dropped = [], []
+    for block in model.blocks:
+        total = 0.0
+        for _, g in block.branch.named_grads():
+            g64 = numpy.asarray(backend.to_numpy(g), dtype=numpy.float64)
+            total += float((g64 * g64).sum())
+        norms.append(math.sqrt(total))
+        dropped.append(block.gate is not None and not numpy.any(block.gate))
+    norms, dropped = numpy.asarray(norms), numpy.asarray(dropped, dtype=bool)
+    blocks = numpy.arange(len(norms))
+    with _figure((max(9.0, 0.32 * len(norms) + 3), 4.8)) as (fig, ax):
+        ax.bar(blocks[~dropped], norms[~dropped], color=KEPT_COLOR, width=0.75, label="kept: branch ran")
+        top = float(norms.max()) if norms.size else 1.0
+        if dropped.any():
+            ax.plot(blocks[dropped], numpy.zeros(int(dropped.sum())), "x", color=DROPPED_COLOR, ms=13, mew=3,
+                    clip_on=False, zorder=5, label="dropped: gradient exactly 0")
+            for b in blocks[dropped]:
+                ax.axvspan(b - 0.4, b + 0.4, color=DROPPED_COLOR, alpha=0.12, lw=0)
+        ax.set_xlabel("residual block (0 = next to the stem)")
+        ax.set_ylabel("‖∂L/∂θ‖ of the branch's parameters")
+        ax.set_title(f"Gradient of each block's branch after one step ({int(dropped.sum())} of {len(norms)} dropped)")
+        ax.set_xlim(-0.7, len(norms) - 0.3)
+        ax.set_ylim(0, top * 1.3 if top > 0 else 1)
+        ax.legend(frameon=False, loc="upper right", ncol=2)
+        fig.tight_layout()
+    return _finish(fig, save)
+
+
+def survival_sweep(results: dict, reference: float | None = None, ylabel: str = "test error (%)", title=None,
+                   save=None):
+    """A value (test error, say) against p_L, one line per survival rule (the paper's Figure 6).
+
+    results: rule label -> {p_L: list of values, one per seed}. The line joins the means; single
+    seeds are dots. reference: a horizontal dashed line (e.g. constant depth's mean), optional.
+    """
+    with _figure((9, 5)) as (fig, ax):
+        for k, (label, points) in enumerate(results.items()):
+            color = RUN_COLORS[(k + 1) % len(RUN_COLORS)]
+            p_values = sorted(points)
+            means = [float(numpy.mean(points[p])) for p in p_values]
+            ax.plot(p_values, means, "-o", color=color, lw=2.2, ms=7, label=f"{label} (mean of the seeds run)")
+            for p in p_values:
+                values = numpy.asarray(points[p], dtype=float)
+                ax.plot(numpy.full(values.size, p), values, ".", color=color, ms=10, alpha=0.45)
+        if reference is not None:
+            ax.axhline(reference, color=CONSTANT_COLOR, lw=1.5, ls="--", label=f"constant depth: {reference:.2f}")
+        ax.set_xlabel("$p_L$, survival probability of the last block (1 = constant depth)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or f"{ylabel[0].upper() + ylabel[1:]} against $p_L$ (dots: single seeds)")
+        ax.set_ylim(bottom=0)
+        ax.legend(frameon=False, loc="best")
+        fig.tight_layout()
+    return _finish(fig, save)

@@ -7,7 +7,8 @@
 A run folder holds::
 
     settings.json      the settings, with dataset defaults resolved (backend, augmentation)
-    metrics.jsonl      one JSON line per epoch: lr, train loss/acc, val loss/acc, active fraction, time
+    metrics.jsonl      one JSON line per epoch: lr, train loss/acc, val loss/acc, test loss/acc, active
+                       fraction, time, gradient magnitudes (first_conv_grad, block_grad)
     last.npz           checkpoint after the last finished epoch (or where Ctrl-C stopped the run)
     best.npz           checkpoint of the epoch with the best validation accuracy
     curves.png         training curves
@@ -30,6 +31,15 @@ weights as an uninterrupted run with the same seed (bit for bit on NumPy).
 
 A folder that holds no checkpoint (a run that died in its first epoch) holds nothing to lose: a
 new run may use it, and resuming it starts the run again from its settings.json.
+
+Two kinds of numbers in each epoch record serve the paper's curves rather than the run itself:
+
+* ``test_loss`` / ``test_acc``: the model after this epoch on the test split, as the paper plots
+  test error per epoch. They are only reported: the checkpoint is chosen by ``val_acc`` alone.
+* ``first_conv_grad``: the mean absolute gradient of the stem convolution's weight, averaged over
+  the epoch's steps (the paper's Figure 8); ``block_grad``: the same for each residual block's
+  branch parameters, averaged over the steps where that block ran (null for a block that never
+  ran in the epoch). See :class:`GradientMagnitudes`.
 """
 from __future__ import annotations
 
@@ -60,6 +70,7 @@ from minisd.residual import MODES, SCALES, SCHEDULES
 __all__ = [
     "Settings",
     "RunResult",
+    "GradientMagnitudes",
     "fit",
     "resume",
     "evaluate",
@@ -611,6 +622,91 @@ def _remove_partial_files(run_dir, log) -> None:
             log(f"removed {len(partial)} partial file{'s' if len(partial) > 1 else ''} an interrupted save left in "
                 f"{run_dir}: {', '.join(partial)}")
 
+# ----------------------------------------------------------------------------------------------
+# Gradient magnitudes per epoch (the paper's Figure 8)
+# ----------------------------------------------------------------------------------------------
+
+
+class GradientMagnitudes:
+    """Mean absolute gradient over an epoch's steps: of the stem convolution's weight, and of each
+    residual block's branch parameters over the steps where the block ran.
+
+    Call :meth:`add_step` once per step, after backward (the gradients of this step are in the
+    modules' ``grads``). Per step it takes mean |g| over the elements of the first conv's weight,
+    and for every block whose branch ran, mean |g| over all elements of the branch's parameters;
+    :meth:`summary` averages these over the steps. The sums stay on the arrays' device in float64
+    (no host round trip per step); they are read back only by :meth:`summary` and
+    :meth:`state_dict`, which is exact (float64 to a Python float and back), so a resumed epoch
+    reports exactly what an uninterrupted one does.
+
+    first_conv: the stem Conv2d (``model.conv1``). blocks: the residual blocks (``model.blocks``).
+    """
+
+    def __init__(self, first_conv, blocks):
+        self.first_conv = first_conv
+        self.blocks = list(blocks)
+        # The modules that own the branch's parameters (their grads dicts are read at each step:
+        # model.to() may replace the arrays).
+        self.branch_modules = [[m for m in block.branch.modules() if m.params] for block in self.blocks]
+        self.branch_sizes = [sum(int(p.size) for p in block.branch.parameters()) for block in self.blocks]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.first_conv_sum = None     # float64 0-d array on the weight's device, or None before a step
+        self.steps = 0
+        self.block_sums = [None] * len(self.blocks)
+        self.block_steps = [0] * len(self.blocks)
+
+    def add_step(self) -> None:
+        weight_grad = self.first_conv.grads["weight"]
+        xp = backend.array_module(weight_grad)
+        value = xp.abs(weight_grad).mean(dtype=xp.float64)
+        self.first_conv_sum = value if self.first_conv_sum is None else self.first_conv_sum + value
+        self.steps += 1
+        for index, block in enumerate(self.blocks):
+            if block.branch_skipped:  # dropped: its gradient is zero by construction, not a sample
+                continue
+            total = None
+            for module in self.branch_modules[index]:
+                for g in module.grads.values():
+                    part = xp.abs(g).sum(dtype=xp.float64)
+                    total = part if total is None else total + part
+            value = total / self.branch_sizes[index]
+            previous = self.block_sums[index]
+            self.block_sums[index] = value if previous is None else previous + value
+            self.block_steps[index] += 1
+
+    def summary(self) -> dict:
+        """{"first_conv_grad": float or None, "block_grad": [float or None per block]} for the epoch."""
+        first = float(self.first_conv_sum) / self.steps if self.steps else None
+        blocks = [float(total) / count if count else None for total, count in zip(self.block_sums, self.block_steps)]
+        return {"first_conv_grad": first, "block_grad": blocks}
+
+    def state_dict(self) -> dict:
+        """The running sums as plain numbers (JSON), for a checkpoint taken in the middle of an epoch."""
+        return {"first_conv_sum": None if self.first_conv_sum is None else float(self.first_conv_sum),
+                "steps": self.steps,
+                "block_sums": [None if total is None else float(total) for total in self.block_sums],
+                "block_steps": list(self.block_steps)}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore :meth:`state_dict`; None (a checkpoint from before these numbers existed) starts afresh."""
+        self.reset()
+        if not state:
+            return
+        xp = backend.array_module(self.first_conv.grads["weight"])
+
+        def device(value):
+            return None if value is None else xp.asarray(value, dtype=xp.float64)
+
+        if len(state["block_sums"]) != len(self.blocks):
+            raise ValueError(f"gradient magnitudes for {len(state['block_sums'])} blocks, the model has {len(self.blocks)}")
+        self.first_conv_sum = device(state["first_conv_sum"])
+        self.steps = int(state["steps"])
+        self.block_sums = [device(v) for v in state["block_sums"]]
+        self.block_steps = [int(v) for v in state["block_steps"]]
+
 
 # ----------------------------------------------------------------------------------------------
 # The trainer
@@ -676,6 +772,7 @@ class _Trainer:
         # Position: the next epoch to run (0-based) and the batches of it already done.
         self.epoch, self.step = 0, 0
         self.partial = self._empty_partial()
+        self.grad_magnitudes = GradientMagnitudes(self.model.conv1, self.model.blocks)
         self.history: list = []
         self.best_val, self.best_val_loss, self.best_epoch = None, None, None
         self.last_good = None  # (path, epoch, step) of the last checkpoint written (all checkpoints are finite)
@@ -701,7 +798,7 @@ class _Trainer:
             "in_channels": self.dataset.in_channels,
             "epoch": self.epoch,
             "step": self.step,
-            "partial": dict(self.partial),
+            "partial": dict(self.partial, gradient_magnitudes=self.grad_magnitudes.state_dict()),
             "history": self.history,
             "best_val_acc": self.best_val,
             "best_val_loss": self.best_val_loss,
@@ -751,6 +848,7 @@ class _Trainer:
             self.epoch = _meta_int(meta, "epoch", None, 0, self.settings.epochs, path)
             self.step = _meta_int(meta, "step", None, 0, self.steps_per_epoch, path)
             self.partial = dict(meta["partial"])
+            self.grad_magnitudes.load_state_dict(self.partial.pop("gradient_magnitudes", None))
             if set(self.partial) != set(self._empty_partial()):
                 raise ValueError(f"'partial' holds {sorted(self.partial)}")
             self.history = list(meta["history"])
@@ -822,16 +920,21 @@ class _Trainer:
             f"interrupted {where}; checkpoint saved to {path}\n"
             f"resume with: minisd train --resume {self.run_dir}", checkpoint=path, run_dir=self.run_dir)
 
-    def _validate(self, interrupt):
-        """(val loss, val acc), or (None, None) without a validation split; Ctrl-C stops it at once
-        (the checkpoint then holds the finished training part of the epoch, and resuming validates)."""
-        if not len(self.dataset.val):
+    def _evaluate_split(self, name, interrupt):
+        """(loss, acc) on the "val" or "test" split, or (None, None) for an empty split; Ctrl-C stops
+        it at once (the checkpoint then holds the finished training part of the epoch, and resuming
+        evaluates again)."""
+        split = getattr(self.dataset, name)
+        if not len(split):
             return None, None
         try:
-            return evaluate(self.model, self.dataset.val, self.settings.eval_batch_size,
-                            stop=lambda: interrupt.requested)
+            return evaluate(self.model, split, self.settings.eval_batch_size, stop=lambda: interrupt.requested)
         except EvaluationStopped:
             self._stop_for_interrupt()
+
+    def _validate(self, interrupt):
+        """(val loss, val acc), or (None, None) without a validation split (see _evaluate_split)."""
+        return self._evaluate_split("val", interrupt)
 
     def train_epoch(self, interrupt):
         s, model, opt = self.settings, self.model, self.optimizer
@@ -859,6 +962,7 @@ class _Trainer:
                 if not math.isfinite(loss_value):
                     self._stop_for_nonfinite(loss_value)
                 model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+                self.grad_magnitudes.add_step()
                 opt.step()
                 n = int(yb.shape[0])
                 p["loss_sum"] += loss_value * n
@@ -880,6 +984,8 @@ class _Trainer:
         train_time = time.perf_counter() - t0
         p["time_s"] = train_time  # kept if validation is interrupted
         val_loss, val_acc = self._validate(interrupt)
+        # Reported for the paper's test-error curves; never used to choose the checkpoint (val_acc is).
+        test_loss, test_acc = self._evaluate_split("test", interrupt)
         record = {
             "epoch": epoch + 1,
             "lr": opt.lr,
@@ -887,9 +993,12 @@ class _Trainer:
             "train_acc": p["correct"] / max(1, p["seen"]),
             "val_loss": val_loss,
             "val_acc": val_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
             "active_fraction": p["active_sum"] / max(1, p["steps"]),
             "steps": p["steps"],
             "time_s": train_time,
+            **self.grad_magnitudes.summary(),
         }
         self.history.append(record)
         self.append_metrics(record)
@@ -900,12 +1009,13 @@ class _Trainer:
         if improved:
             self.best_val, self.best_val_loss, self.best_epoch = val_acc, val_loss, epoch + 1
         self.epoch, self.step, self.partial = epoch + 1, 0, self._empty_partial()
+        self.grad_magnitudes.reset()
         if improved:
             self.save("best.npz")
         self.save("last.npz")
         self.log(f"epoch {epoch + 1:>{len(str(s.epochs))}}/{s.epochs}  lr {opt.lr:<6.4g} "
                  f"train loss {record['train_loss']:.4f} acc {_fmt_pct(record['train_acc'])}  "
-                 f"val acc {_fmt_pct(val_acc)}  active {record['active_fraction']:.2f}  "
+                 f"val acc {_fmt_pct(val_acc)}  (test {_fmt_pct(test_acc).strip()})  active {record['active_fraction']:.2f}  "
                  f"time {train_time:5.1f}s{'  *' if improved else ''}")
 
     def _last_finite_checkpoint(self) -> str:

@@ -1,11 +1,22 @@
-"""Draw the figures in docs/ (the README's picture): python scripts/make_figures.py
+"""Draw the figures in docs/ (the README's pictures): python scripts/make_figures.py
 
 docs/gradient_flow.png: ResNet-110 at initialisation on 32 digits, constant depth vs stochastic
 depth (linear decay to p_L = 0.5), same weights and batch; one traced training step each (three
-for stochastic depth, each with its own gates).
+for stochastic depth, each with its own gates). A few seconds.
+
+docs/gradient_magnitude.png: the paper's Figure 8 on the digits: the mean absolute gradient of the
+first convolution's weight per epoch (``first_conv_grad`` in metrics.jsonl), ResNet-110, constant
+depth vs linear decay to p_L = 0.5, three seeds of 30 epochs each, as notebook 7 trains them. The
+six runs go to --runs (default runs/figure8); finished runs found there are reused, interrupted ones
+resumed. About half an hour on two cores (set OPENBLAS_NUM_THREADS=1 MINISD_NUM_THREADS=1 when
+other programs share the cores: waiting threads then cost far more than they gain).
+
+    python scripts/make_figures.py                          # both
+    python scripts/make_figures.py gradient_flow            # only the quick one
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -13,9 +24,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from minisd import backend, data, functional as F, models, plots, trace  # noqa: E402
+from minisd import backend, data, functional as F, models, plots, trace, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = ("gradient_flow", "gradient_magnitude")
 
 
 def traced_step(model, x, labels):
@@ -40,9 +52,48 @@ def gradient_flow(path, depth=110, batch=32, seed=0):
     return path
 
 
-def main() -> int:
-    out = os.path.join(ROOT, "docs", "gradient_flow.png")
-    print("wrote", gradient_flow(out))
+def trained_runs(runs_dir, depth, schedule, final_survival, seeds, epochs):
+    """Run folders of one configuration, one per seed: trained, resumed or reused as found."""
+    folders = []
+    for seed in seeds:
+        folder = os.path.join(runs_dir, f"resnet{depth}-{schedule}-p{final_survival}-seed{seed}")
+        if os.path.exists(os.path.join(folder, "summary.json")):
+            print(f"reusing {folder}", flush=True)
+        elif os.path.exists(os.path.join(folder, "last.npz")):
+            train.resume(folder, progress=False)
+        else:
+            settings = train.Settings(depth=depth, schedule=schedule, final_survival=final_survival, seed=seed,
+                                      epochs=epochs)
+            train.fit(settings, run_dir=folder, progress=False)
+        folders.append(folder)
+    return folders
+
+
+def gradient_magnitude(path, runs_dir, depth=110, seeds=(0, 1, 2), epochs=30):
+    runs = {"constant depth": trained_runs(runs_dir, depth, "none", 1.0, seeds, epochs),
+            "stochastic depth (linear, p_L = 0.5)": trained_runs(runs_dir, depth, "linear", 0.5, seeds, epochs)}
+    fig = plots.gradient_magnitude(runs)
+    fig.suptitle(f"ResNet-{depth} trained on the digits ({len(seeds)} seeds, {epochs} epochs): mean |gradient| "
+                 "at the first convolution", fontsize=14)
+    fig.savefig(path, dpi=150, bbox_inches="tight", facecolor="white")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("figures", nargs="*", help=f"which figures (default: all of {', '.join(FIGURES)})")
+    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "figure8"),
+                        help="folder for the training runs behind docs/gradient_magnitude.png")
+    args = parser.parse_args(argv)
+    unknown = [f for f in args.figures if f not in FIGURES]
+    if unknown:
+        parser.error(f"unknown figure {unknown[0]!r}; expected one of {', '.join(FIGURES)}")
+    chosen = args.figures or list(FIGURES)
+    docs = os.path.join(ROOT, "docs")
+    if "gradient_flow" in chosen:
+        print("wrote", gradient_flow(os.path.join(docs, "gradient_flow.png")))
+    if "gradient_magnitude" in chosen:
+        print("wrote", gradient_magnitude(os.path.join(docs, "gradient_magnitude.png"), args.runs))
     return 0
 
 

@@ -298,3 +298,24 @@ def test_stepper_frame_with_the_map_drawn_once_looks_the_same(rng):
         assert a.shape == b.shape
         differing = (np.abs(a - b).max(axis=2) > 8).mean()
         assert differing < 2e-4, (event.label, differing)
+
+
+def test_no_figure_goes_through_pyplot():
+    """Every figure is a plain matplotlib Figure: pyplot is never imported, so its global list of
+    figures (drawn by notebook hooks, possibly half-built, from another thread) never holds one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from minisd import models, plots\n"
+        "plots.survival_schedules(num_blocks=9, final_survival=0.5)\n"
+        "plots.gate_activity([[True, False, True]] * 4, [1.0, 0.75, 0.5])\n"
+        "model = models.resnet_cifar(depth=8, in_channels=1, seed=0)\n"
+        "plots.conv_filters(model)\n"
+        "plots.feature_maps(model, np.zeros((1, 1, 8, 8), dtype=np.float32))\n"
+        "print('matplotlib.pyplot' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

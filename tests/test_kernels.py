@@ -480,14 +480,14 @@ def test_device_arrays_run_the_reference_pairs(rng, monkeypatch):
     for name in ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"):
         original = getattr(functional, name)
         monkeypatch.setattr(functional, name, lambda *a, _f=original, _n=name, **k: called.append(_n) or _f(*a, **k))
-    x = dev(rng.standard_normal((2, 3, 6, 6)))
-    w = dev(rng.standard_normal((4, 3, 3, 3)))
+    x = rng.standard_normal((2, 3, 6, 6))  # NumPy arrays on any backend: host arrays
+    w = rng.standard_normal((4, 3, 3, 3))
     y, cache = fast.conv2d_forward(x, w, None, 1, 1)
     assert called == []  # host arrays: the fast path
     monkeypatch.setattr(fast, "is_device_array", lambda a: True)
     y, cache = fast.conv2d_forward(x, w, None, 1, 1)
-    fast.conv2d_backward(dev(np.ones(y.shape)), cache)
-    fast.batch_norm_forward(y, dev(np.ones(4)), dev(np.zeros(4)))
+    fast.conv2d_backward(np.ones(y.shape), cache)
+    fast.batch_norm_forward(y, np.ones(4), np.zeros(4))
     fast.relu_forward(y)
     fast.shortcut_forward(x, 6, 2)
     assert called == ["conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"]

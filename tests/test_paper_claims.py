@@ -138,11 +138,12 @@ def test_test_accuracy_is_reported_but_does_not_choose_the_checkpoint(tmp_path):
 
 def test_gradient_magnitudes_state_round_trip_is_exact():
     model = models.resnet_cifar(depth=8, in_channels=1, schedule="linear", final_survival=0.0, seed=0)
-    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    x = backend.to_device(np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32))
+    labels = backend.to_device(np.arange(4))
     magnitudes = train.GradientMagnitudes(model.conv1, model.blocks)
     for _ in range(3):
         model.zero_grad()
-        loss, cache = F.softmax_cross_entropy_forward(model(x), np.arange(4))
+        loss, cache = F.softmax_cross_entropy_forward(model(x), labels)
         model.backward(F.softmax_cross_entropy_backward(1.0, cache))
         magnitudes.add_step()
     state = json.loads(json.dumps(magnitudes.state_dict()))

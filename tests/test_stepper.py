@@ -256,7 +256,7 @@ def test_redraw_of_resnet56_on_digits_is_quick():
 
     backend.seed(0)
     digits = data.load_digits()
-    x, labels = digits.train.x[:32], digits.train.y[:32]
+    x, labels = dev(digits.train.x[:32]), dev(digits.train.y[:32])
     model = models.resnet_cifar(depth=56, in_channels=1, seed=0)
     with trace.record(model, keep_arrays=True) as t56:
         _, cache = F.softmax_cross_entropy_forward(model(x), labels)

@@ -321,6 +321,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     """Batch (with augmentation), forward, loss, backward and the SGD update of a stochastic-depth
     ResNet on "device" arrays: not one value is read back to the host. (The trainer then reads
     the loss once, on purpose: the NaN check and the progress bar.)"""
+    if backend.name() != "numpy":  # a stand-in for CuPy beside the real one crashed the process on a GPU
+        pytest.skip("counts host reads with a stand-in for CuPy: runs on the numpy backend "
+                    "(tests/test_gpu.py checks the real device)")
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
     model = models.resnet_cifar(depth=8, in_channels=1, final_survival=0.5, schedule="uniform", seed=1)
     for m in model.modules():

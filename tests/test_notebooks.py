@@ -57,7 +57,7 @@ def _sections(path):
 
 def test_notebooks_exist_in_teaching_order():
     names = [os.path.basename(p) for p in PATHS]
-    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06", "07"]
+    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06", "07", "08"]
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[os.path.basename(p) for p in PATHS])

@@ -146,6 +146,8 @@ class BasicBlock(Module):
                     N (row mode), or None before any training forward. In evaluation it is None.
         force_gate  force_gate(True | False | None | bool array): fix the gate (None: sample again).
         branch_skipped  True if the last forward did not run the branch.
+        output_relu_skipped  True if the last forward also skipped the output ReLU (a dropped block
+                    whose input is known to be a ReLU output: see ``input_is_relu_output``).
         input_is_relu_output  False (the default): make no assumption about the input. A model
                     sets it to True on blocks whose input is always the output of a ReLU (or of
                     another such block), as ResNetCifar does: then a dropped block with a
@@ -171,6 +173,7 @@ class BasicBlock(Module):
         self.gate_rng = gate_rng if gate_rng is not None else backend.host_rng()
         self.gate = None
         self.branch_skipped = False
+        self.output_relu_skipped = False
         self._forced_gate = None
         self.input_is_relu_output = False
         self.branch = Sequential(
@@ -263,7 +266,9 @@ class BasicBlock(Module):
             self.gate = None
             run_branch = multiplier != 0.0  # p = 0 at test time with the paper's rule: f * 0
         self.branch_skipped = not run_branch
-        if not run_branch and self.input_is_relu_output and not isinstance(self.shortcut, Sequential):
+        self.output_relu_skipped = (not run_branch and self.input_is_relu_output
+                                    and not isinstance(self.shortcut, Sequential))
+        if self.output_relu_skipped:
             # The dropped block of a network, for almost nothing. Its input x is a ReLU output,
             # so x >= 0, and the parameter-free shortcut (identity, or subsample and zero-pad)
             # keeps s >= 0: ReLU(0 + s) = s, so forward returns s itself (no pass, no mask).

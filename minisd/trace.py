@@ -74,6 +74,7 @@ class Event:
     gate: str | None = None       # blocks: "kept", "dropped", "rows" (row mode), "eval" (no gate)
     kept_fraction: float | None = None  # blocks: 1.0 kept, 0.0 dropped, row mode: share of kept samples
     skipped: bool | None = None   # blocks: True if the branch did not run (and is not differentiated)
+    relu_skipped: bool | None = None  # blocks: True if the output ReLU was skipped too (x >= 0 known)
     survival_prob: float | None = None
     grad_norm: float | None = None  # backward of a module with parameters: norm of its own grads after
     kernels: str = ""             # the kernel tier in force for this call: "fast" or "reference"
@@ -124,6 +125,11 @@ def _gate_sentence(e: Event) -> str:
         return f"evaluation mode{p}: no gate; the branch ran, scaled by its survival probability"
     if e.gate == "kept":
         return f"gate: kept{p}; the branch ran" + (" and is differentiated" if e.phase == "backward" else "")
+    if e.gate == "dropped" and e.relu_skipped:
+        # x is a ReLU output (x >= 0), so ReLU(shortcut(x)) = shortcut(x): no output ReLU either.
+        if e.phase == "forward":
+            return f"gate: DROPPED{p}; branch SKIPPED: y = shortcut(x) (x >= 0, so the output ReLU is a no-op)"
+        return f"gate: DROPPED{p}; branch SKIPPED: the gradient reaches x through the shortcut only"
     if e.gate == "dropped":
         if e.phase == "forward":
             return f"gate: DROPPED{p}; branch SKIPPED: y = ReLU(shortcut(x))"
@@ -161,6 +167,7 @@ def _block_gate(module) -> dict:
         fraction = float(numpy.mean(gate))
         label = "rows"
     return dict(gate=label, kept_fraction=fraction, skipped=bool(module.branch_skipped),
+                relu_skipped=bool(getattr(module, "output_relu_skipped", False)),
                 survival_prob=float(module.survival_prob))
 
 

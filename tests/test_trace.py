@@ -218,11 +218,29 @@ def test_describe_says_what_a_dropped_gate_did(rng):
         train_step(model, x, labels)
     forward, backward = t.find("layer1.1", "forward"), t.find("layer1.1", "backward")
     assert forward.dropped and backward.dropped and not t.find("layer1.0").dropped
-    assert "DROPPED" in forward.describe() and "y = ReLU(shortcut(x))" in forward.describe()
-    assert "through the ReLU mask and the shortcut only" in backward.describe()
+    # In the network a block's input is a ReLU output, so a dropped block skips its output ReLU too,
+    # and its text says so (the gradient is not masked on the way through).
+    assert forward.relu_skipped and backward.relu_skipped
+    assert "DROPPED" in forward.describe() and "y = shortcut(x)" in forward.describe()
+    assert "through the shortcut only" in backward.describe() and "mask" not in backward.describe()
     assert "kept" in t.find("layer1.0", "backward").describe()
+    assert t.find("layer1.0", "forward").relu_skipped is False
     # One numbering scheme: an event's text carries no index of its own (the stepper numbers steps).
     assert not backward.describe().startswith("[")
+
+
+def test_describe_a_dropped_standalone_block_keeps_its_output_relu(rng):
+    """A block on its own makes no assumption about its input: dropped, it still applies the ReLU."""
+    block = BasicBlock(4, 4, survival_prob=0.5)
+    block.force_gate(False)
+    x = dev(rng.standard_normal((2, 4, 5, 5)))  # negative entries: the ReLU matters
+    with trace.record(block) as t:
+        y = block(x)
+        block.backward(dev(np.ones(y.shape)))
+    forward, backward = t.find("", "forward"), t.find("", "backward")
+    assert forward.dropped and not forward.relu_skipped
+    assert "y = ReLU(shortcut(x))" in forward.describe()
+    assert "through the ReLU mask and the shortcut only" in backward.describe()
 
 
 def test_trace_knows_nothing_of_plots_or_the_stepper():

@@ -1239,11 +1239,16 @@ def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool
             common = numpy.intersect1d(epochs, ref_epochs)
             ratio = mean[numpy.searchsorted(epochs, common)] / ref_mean[numpy.searchsorted(ref_epochs, common)]
             ax2.plot(common, ratio, "-o", color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.2, ms=3.5, label=label)
-        _mark_lr_drops(ax2, drops)
+        for epoch in drops:  # (no legend entry: the left panel names these lines)
+            ax2.axvline(epoch, color="#999999", lw=1, ls=":", zorder=0)
         ax2.set_xlabel("epoch")
         ax2.set_ylabel(f"ratio to {reference}")
         ax2.set_title("Relative to " + reference)
-        ax2.legend(frameon=False, loc="best")
+        # From 0, so the reference line sits well above the legend in the lower right corner.
+        top = max([1.0] + [float(numpy.nanmax(line.get_ydata())) for line in ax2.get_lines()
+                           if len(line.get_ydata()) and numpy.isfinite(line.get_ydata()).any()])
+        ax2.set_ylim(0, 1.15 * top)
+        ax2.legend(frameon=False, loc="lower right")
         for a in (ax, ax2):
             a.xaxis.get_major_locator().set_params(integer=True)
         fig.suptitle(f"Mean gradient magnitude per epoch ({_seed_note(runs)})", fontsize=14)

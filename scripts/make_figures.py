@@ -6,9 +6,10 @@ for stochastic depth, each with its own gates). A few seconds.
 
 docs/gradient_magnitude.png: the paper's Figure 8 on the digits: the mean absolute gradient of the
 first convolution's weight per epoch (``first_conv_grad`` in metrics.jsonl), ResNet-110, constant
-depth vs linear decay to p_L = 0.5, three seeds of 30 epochs each, as notebook 7 trains them. The
-six runs go to --runs (default runs/figure8); finished runs found there are reused, interrupted ones
-resumed. About half an hour on two cores (set OPENBLAS_NUM_THREADS=1 MINISD_NUM_THREADS=1 when
+depth vs linear decay to p_L = 0.5, three seeds of 30 epochs each at lr 0.025 (the paper's 0.1 for
+batches of 128, scaled to batches of 32), exactly as notebook 7 trains them. The six runs go to
+--runs (default runs/figure8), named as notebook 7 names them; finished runs found there are
+reused (notebook 7's own run folder works), interrupted ones resumed. About half an hour on two cores (set OPENBLAS_NUM_THREADS=1 MINISD_NUM_THREADS=1 when
 other programs share the cores: waiting threads then cost far more than they gain).
 
     python scripts/make_figures.py                          # both
@@ -52,26 +53,26 @@ def gradient_flow(path, depth=110, batch=32, seed=0):
     return path
 
 
-def trained_runs(runs_dir, depth, schedule, final_survival, seeds, epochs):
+def trained_runs(runs_dir, depth, schedule, final_survival, seeds, epochs, lr):
     """Run folders of one configuration, one per seed: trained, resumed or reused as found."""
     folders = []
     for seed in seeds:
-        folder = os.path.join(runs_dir, f"resnet{depth}-{schedule}-p{final_survival}-seed{seed}")
+        folder = os.path.join(runs_dir, f"resnet{depth}-{schedule}-p{final_survival}-lr{lr}-seed{seed}")
         if os.path.exists(os.path.join(folder, "summary.json")):
             print(f"reusing {folder}", flush=True)
         elif os.path.exists(os.path.join(folder, "last.npz")):
             train.resume(folder, progress=False)
         else:
             settings = train.Settings(depth=depth, schedule=schedule, final_survival=final_survival, seed=seed,
-                                      epochs=epochs)
+                                      epochs=epochs, lr=lr)
             train.fit(settings, run_dir=folder, progress=False)
         folders.append(folder)
     return folders
 
 
-def gradient_magnitude(path, runs_dir, depth=110, seeds=(0, 1, 2), epochs=30):
-    runs = {"constant depth": trained_runs(runs_dir, depth, "none", 1.0, seeds, epochs),
-            "stochastic depth (linear, p_L = 0.5)": trained_runs(runs_dir, depth, "linear", 0.5, seeds, epochs)}
+def gradient_magnitude(path, runs_dir, depth=110, seeds=(0, 1, 2), epochs=30, lr=0.025):
+    runs = {"constant depth": trained_runs(runs_dir, depth, "none", 1.0, seeds, epochs, lr),
+            "stochastic depth (linear, p_L = 0.5)": trained_runs(runs_dir, depth, "linear", 0.5, seeds, epochs, lr)}
     fig = plots.gradient_magnitude(runs)
     fig.suptitle(f"ResNet-{depth} trained on the digits ({len(seeds)} seeds, {epochs} epochs): mean |gradient| "
                  "at the first convolution", fontsize=14)

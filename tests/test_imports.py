@@ -143,3 +143,14 @@ def test_checker_catches_planted_imports(filename, source, message):
 ])
 def test_checker_accepts_allowed_source(filename, source):
     assert violations(filename, source) == []
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists every package folder: a non-editable install (as CI's) leaves out any
+    subpackage it does not name, and `import minisd` then fails outside the source tree."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = PACKAGE.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent.relative_to(root)).replace("/", ".") for p in PACKAGE.rglob("__init__.py")}
+    assert found == listed

@@ -48,28 +48,10 @@ from minisd.functional import (  # the pairs that need no trick are the referenc
     update_running_stats,
 )
 from minisd import functional
-from minisd.kernels import parallel
+from minisd.kernels import PAIRS, parallel
 from minisd.kernels.parallel import get_num_threads, images_per_chunk, map_channel_groups, map_chunks, scratch
 
-__all__ = [
-    "channel_rows",
-    "empty_channel_major",
-    "conv2d_forward",
-    "conv2d_backward",
-    "batch_norm_forward",
-    "batch_norm_backward",
-    "update_running_stats",
-    "relu_forward",
-    "relu_backward",
-    "linear_forward",
-    "linear_backward",
-    "global_avg_pool_forward",
-    "global_avg_pool_backward",
-    "shortcut_forward",
-    "shortcut_backward",
-    "softmax_cross_entropy_forward",
-    "softmax_cross_entropy_backward",
-]
+__all__ = ["channel_rows", "empty_channel_major", *PAIRS]  # every pair of the reference, same names
 
 
 # ----------------------------------------------------------------------------------------------

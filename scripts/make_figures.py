@@ -7,10 +7,11 @@ for stochastic depth, each with its own gates). A few seconds.
 docs/gradient_magnitude.png: the paper's Figure 8 on the digits: the mean absolute gradient of the
 first convolution's weight per epoch (``first_conv_grad`` in metrics.jsonl), ResNet-110, constant
 depth vs linear decay to p_L = 0.5, three seeds of 30 epochs each at lr 0.025 (the paper's 0.1 for
-batches of 128, scaled to batches of 32), with the settings of the paper's-claims experiments. The six runs go to
---runs (default runs/figure8); finished runs found there are
-reused , interrupted ones resumed. About half an hour on two cores (set OPENBLAS_NUM_THREADS=1 MINISD_NUM_THREADS=1 when
-other programs share the cores: waiting threads then cost far more than they gain).
+batches of 128, scaled to batches of 32), exactly as notebook 8 trains them. The six runs go to
+--runs (default runs/figure8), named as notebook 8 names them; finished runs found there are
+reused (notebook 8's own run folder works), interrupted ones resumed. About half an hour on two
+cores (set OPENBLAS_NUM_THREADS=1 MINISD_NUM_THREADS=1 when other programs share the cores: waiting
+threads then cost far more than they gain).
 
     python scripts/make_figures.py                          # both
     python scripts/make_figures.py gradient_flow            # only the quick one

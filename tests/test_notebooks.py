@@ -58,6 +58,7 @@ def _sections(path):
 def test_notebooks_exist_in_teaching_order():
     names = [os.path.basename(p) for p in PATHS]
     assert len(names) >= 7 and [n[:2] for n in names] == [f"{k:02d}" for k in range(1, len(names) + 1)]
+    assert "08_paper_claims.ipynb" in names
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[os.path.basename(p) for p in PATHS])
@@ -98,6 +99,16 @@ def test_stored_notebooks_have_outputs_and_no_errors():
         assert code and all(c.get("execution_count") for c in code), f"{path} is not stored executed"
         assert sum(1 for c in code if c.outputs) >= len(code) // 2, f"{path}: most cells should show something"
         has_figure = any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
-        if os.path.basename(path)[:2] in ("03", "04", "05", "07"):  # the notebooks with figures
+        if os.path.basename(path)[:2] in ("03", "04", "05", "07", "08"):  # the notebooks with figures
             assert has_figure, f"{path} is stored without its figures"
         assert not [o for c in code for o in c.outputs if o.get("output_type") == "error"], path
+
+
+def test_the_paper_claims_notebook_is_stored_from_the_full_setting():
+    """Its assertions about training results run only in the full setting: the stored run must be one."""
+    import nbformat
+
+    (path,) = [p for p in PATHS if os.path.basename(p).endswith("_paper_claims.ipynb")]
+    nb = nbformat.read(path, as_version=4)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "setting: full" in printed and "setting: quick" not in printed

@@ -649,13 +649,15 @@ class GradientMagnitudes:
         # model.to() may replace the arrays).
         self.branch_modules = [[m for m in block.branch.modules() if m.params] for block in self.blocks]
         self.branch_sizes = [sum(int(p.size) for p in block.branch.parameters()) for block in self.blocks]
+        self._sizes = None             # branch_sizes on the gradients' device, made at the first step
+        self._scratch = {}             # |g| buffers by shape (see _abs)
         self.reset()
 
     def reset(self) -> None:
         """Start a new epoch."""
         self.first_conv_sum = None     # float64 0-d array on the weight's device, or None before a step
         self.steps = 0
-        self.block_sums = [None] * len(self.blocks)
+        self.block_sums = None         # float64 (blocks,) array on the device, or None before a block ran
         self.block_steps = [0] * len(self.blocks)
 
     def add_step(self) -> None:
@@ -664,30 +666,53 @@ class GradientMagnitudes:
         value = xp.abs(weight_grad).mean(dtype=xp.float64)
         self.first_conv_sum = value if self.first_conv_sum is None else self.first_conv_sum + value
         self.steps += 1
-        for index, block in enumerate(self.blocks):
-            if block.branch_skipped:  # dropped: its gradient is zero by construction, not a sample
-                continue
-            total = None
-            for module in self.branch_modules[index]:
-                for g in module.grads.values():
-                    part = xp.abs(g).sum(dtype=xp.float64)
-                    total = part if total is None else total + part
-            value = total / self.branch_sizes[index]
-            previous = self.block_sums[index]
-            self.block_sums[index] = value if previous is None else previous + value
-            self.block_steps[index] += 1
+        ran = [i for i, block in enumerate(self.blocks) if not block.branch_skipped]  # dropped: zero by
+        if not ran:                                                                    # construction, not a sample
+            return
+        # One float32 |g| sum per parameter array, added up per block, then the blocks' totals
+        # gathered into one float64 vector. Why: ResNet-110 has 324 branch arrays, and a running
+        # float64 sum per array and block took about 1,100 small array operations per step; float32
+        # sums (NumPy's pairwise summation: within about 1e-7 of float64 at these sizes) with one
+        # gather take about 750. Measured (ResNet-110, digits, one run, medians of 200 calls):
+        # 1.46 -> 1.0 ms per step, from 1.3% to 0.9% of the time of a training step.
+        totals = xp.stack([sum(self._abs(xp, g).sum() for m in self.branch_modules[i] for g in m.grads.values())
+                           for i in ran]).astype(xp.float64)
+        if self._sizes is None or backend.array_module(self._sizes) is not xp:  # once (and after model.to())
+            self._sizes = xp.asarray(self.branch_sizes, dtype=xp.float64)
+        step = xp.zeros(len(self.blocks), dtype=xp.float64)
+        step[ran] = totals / self._sizes[ran]
+        self.block_sums = step if self.block_sums is None else self.block_sums + step
+        for i in ran:
+            self.block_steps[i] += 1
+
+    def _abs(self, xp, g):
+        """|g| in a buffer kept per shape: no fresh temporary per array and step (in a process
+        whose heap has been churned by training, fresh ones made a step's logging up to 1.7x slower)."""
+        key = (xp.__name__, g.shape, g.dtype.str)
+        out = self._scratch.get(key)
+        if out is None:
+            out = self._scratch[key] = xp.empty(g.shape, dtype=g.dtype)
+        return xp.abs(g, out=out)
+
+    def _block_sums_on_host(self) -> list:
+        """The running sums as Python floats, None for a block that has not run this epoch."""
+        if self.block_sums is None:
+            return [None] * len(self.blocks)
+        values = backend.to_numpy(self.block_sums).tolist()
+        return [value if count else None for value, count in zip(values, self.block_steps)]
 
     def summary(self) -> dict:
         """{"first_conv_grad": float or None, "block_grad": [float or None per block]} for the epoch."""
         first = float(self.first_conv_sum) / self.steps if self.steps else None
-        blocks = [float(total) / count if count else None for total, count in zip(self.block_sums, self.block_steps)]
+        blocks = [None if total is None else total / count
+                  for total, count in zip(self._block_sums_on_host(), self.block_steps)]
         return {"first_conv_grad": first, "block_grad": blocks}
 
     def state_dict(self) -> dict:
         """The running sums as plain numbers (JSON), for a checkpoint taken in the middle of an epoch."""
         return {"first_conv_sum": None if self.first_conv_sum is None else float(self.first_conv_sum),
                 "steps": self.steps,
-                "block_sums": [None if total is None else float(total) for total in self.block_sums],
+                "block_sums": self._block_sums_on_host(),
                 "block_steps": list(self.block_steps)}
 
     def load_state_dict(self, state: dict | None) -> None:
@@ -696,16 +721,15 @@ class GradientMagnitudes:
         if not state:
             return
         xp = backend.array_module(self.first_conv.grads["weight"])
-
-        def device(value):
-            return None if value is None else xp.asarray(value, dtype=xp.float64)
-
         if len(state["block_sums"]) != len(self.blocks):
             raise ValueError(f"gradient magnitudes for {len(state['block_sums'])} blocks, the model has {len(self.blocks)}")
-        self.first_conv_sum = device(state["first_conv_sum"])
+        if state["first_conv_sum"] is not None:
+            self.first_conv_sum = xp.asarray(state["first_conv_sum"], dtype=xp.float64)
         self.steps = int(state["steps"])
-        self.block_sums = [device(v) for v in state["block_sums"]]
         self.block_steps = [int(v) for v in state["block_steps"]]
+        if any(v is not None for v in state["block_sums"]):
+            self.block_sums = xp.asarray([0.0 if v is None else float(v) for v in state["block_sums"]],
+                                         dtype=xp.float64)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,8 +68,8 @@ def test_epoch_records_hold_test_accuracy_and_gradient_magnitudes(tmp_path, monk
         assert len(record["block_grad"]) == 3
         for index, value in enumerate(record["block_grad"]):
             kept = [s["branches"][index] for s in steps if s["ran"][index]]
-            if kept:
-                assert value == pytest.approx(np.mean(kept), rel=1e-9) and value > 0
+            if kept:  # float32 sums per array (see GradientMagnitudes.add_step): within 1e-7 or so
+                assert value == pytest.approx(np.mean(kept), rel=1e-6) and value > 0
             else:
                 assert value is None, f"block {index} never ran in epoch {epoch + 1} but has {value}"
     assert result.history == records

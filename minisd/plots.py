@@ -1190,10 +1190,11 @@ def _mean_and_band(ax, epochs, values, color, label, ls="-", marker="o"):
     return mean
 
 
-def _mark_lr_drops(ax, drops):
+def _mark_lr_drops(ax, drops, legend=True):
+    """Dotted lines at the learning-rate drops; ``legend``: name them once in the axes' legend."""
     for k, epoch in enumerate(drops):
         ax.axvline(epoch, color="#999999", lw=1, ls=":", zorder=0,
-                   label="learning rate ÷ 10" if k == 0 else None)
+                   label="learning rate ÷ 10" if legend and k == 0 else None)
 
 
 def _seed_note(runs) -> str:
@@ -1239,8 +1240,7 @@ def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool
             common = numpy.intersect1d(epochs, ref_epochs)
             ratio = mean[numpy.searchsorted(epochs, common)] / ref_mean[numpy.searchsorted(ref_epochs, common)]
             ax2.plot(common, ratio, "-o", color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.2, ms=3.5, label=label)
-        for epoch in drops:  # (no legend entry: the left panel names these lines)
-            ax2.axvline(epoch, color="#999999", lw=1, ls=":", zorder=0)
+        _mark_lr_drops(ax2, drops, legend=False)  # the left panel names these lines
         ax2.set_xlabel("epoch")
         ax2.set_ylabel(f"ratio to {reference}")
         ax2.set_title("Relative to " + reference)

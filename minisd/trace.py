@@ -125,12 +125,11 @@ def _gate_sentence(e: Event) -> str:
         return f"evaluation mode{p}: no gate; the branch ran, scaled by its survival probability"
     if e.gate == "kept":
         return f"gate: kept{p}; the branch ran" + (" and is differentiated" if e.phase == "backward" else "")
-    if e.gate == "dropped" and e.relu_skipped:
-        # x is a ReLU output (x >= 0), so ReLU(shortcut(x)) = shortcut(x): no output ReLU either.
-        if e.phase == "forward":
-            return f"gate: DROPPED{p}; branch SKIPPED: y = shortcut(x) (x >= 0, so the output ReLU is a no-op)"
-        return f"gate: DROPPED{p}; branch SKIPPED: the gradient reaches x through the shortcut only"
     if e.gate == "dropped":
+        if e.relu_skipped:  # x is a ReLU output (x >= 0), so ReLU(shortcut(x)) = shortcut(x)
+            if e.phase == "forward":
+                return f"gate: DROPPED{p}; branch SKIPPED: y = shortcut(x) (x >= 0, so the output ReLU is a no-op)"
+            return f"gate: DROPPED{p}; branch SKIPPED: the gradient reaches x through the shortcut only"
         if e.phase == "forward":
             return f"gate: DROPPED{p}; branch SKIPPED: y = ReLU(shortcut(x))"
         return (f"gate: DROPPED{p}; branch SKIPPED: the gradient reaches x through the ReLU mask "
@@ -167,7 +166,7 @@ def _block_gate(module) -> dict:
         fraction = float(numpy.mean(gate))
         label = "rows"
     return dict(gate=label, kept_fraction=fraction, skipped=bool(module.branch_skipped),
-                relu_skipped=bool(getattr(module, "output_relu_skipped", False)),
+                relu_skipped=bool(module.output_relu_skipped),
                 survival_prob=float(module.survival_prob))
 
 

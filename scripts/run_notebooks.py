@@ -13,8 +13,8 @@ their text claims).
 The setting: a notebook that trains reads ``MINISD_NOTEBOOK_QUICK``; "1" asks for the small setting
 (fewer epochs, seeds and timed steps) that keeps each notebook under two minutes in CI. Stored
 outputs always come from the full setting: this script sets the variable for the kernel itself
-(unset, unless --quick). A notebook whose full setting trains for long uses the quick setting in tests, hence the
-long default timeout per cell.
+(unset, unless --quick). Notebook 8's full setting trains for about half an hour, hence the long
+default timeout per cell.
 """
 from __future__ import annotations
 

@@ -262,6 +262,24 @@ def test_fast_relu_pool_and_shortcut_equal_reference(rng, layout):
         assert_same(backward(fast)(dy, cache_f), backward(functional)(dy, cache_r), f"{name}: dx")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_relu_on_channel_groups_equals_reference_bit_for_bit(rng, threads, layout):
+    """Large enough to run in groups of channels on threads (2**18 values); exact zeros, both
+    signs of zero and a NaN included: the row-of-zeros maximum must treat them as max(x, 0) does."""
+    x_host = rng.standard_normal((8, 8, 64, 64)).astype(np.float32)
+    x_host[0, :, 0, :8] = 0.0
+    x_host[1, :, 1, :8] = -0.0
+    x_host[2, 3, 4, 5] = np.nan
+    x = as_layout(x_host, layout)
+    y_f, mask_f = fast.relu_forward(x)
+    y_r, mask_r = functional.relu_forward(x)
+    np.testing.assert_array_equal(host(y_f), host(y_r))
+    np.testing.assert_array_equal(host(mask_f), host(mask_r))
+    assert y_f.dtype == np.float32
+    if layout == "channel-major":  # the layout a ResNet's activations have, kept for the next conv
+        assert y_f.transpose(1, 0, 2, 3).flags.c_contiguous
+
+
 @pytest.mark.parametrize("forward_tier,backward_tier", [("fast", "reference"), ("reference", "fast")])
 def test_a_forward_on_one_tier_is_differentiated_on_the_other(rng, forward_tier, backward_tier):
     """Both tiers keep the same caches, so a tier switch between forward and backward is safe."""

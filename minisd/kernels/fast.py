@@ -629,18 +629,59 @@ def _rows_to_shape(rows, shape):
 
 @_reference_on_a_gpu
 def relu_forward(x):
-    """y = max(x, 0), any shape. The cache is the boolean mask x > 0 (a quarter of the memory)."""
+    """y = max(x, 0), any shape. The cache is the boolean mask x > 0 (a quarter of the memory).
+
+    A channel-major activation (every one a ResNet makes) is maxed as (C, N*H*W) rows against a
+    row of zeros, not against the scalar 0: see :func:`_zero_row`.
+    """
     xp = array_module(x)
     y = xp.empty_like(x)  # keeps x's memory order (channel-major stays channel-major)
     mask = xp.empty_like(x, dtype=bool)
+    if _is_channel_major(x):
+        x_rows, y_rows, mask_rows = channel_rows(x), channel_rows(y), channel_rows(mask)  # free views
+        zeros = _zero_row(x_rows)
 
-    def part(c):  # element-wise: groups of channels run on threads (see parallel.map_channel_groups)
-        index = (slice(None), c) if x.ndim >= 2 else ...
-        xp.greater(x[index], 0, out=mask[index])
-        xp.maximum(x[index], 0, out=y[index])
+        def part(c):  # element-wise: groups of channels run on threads (see parallel.map_channel_groups)
+            xp.greater(x_rows[c], 0, out=mask_rows[c])
+            xp.maximum(x_rows[c], zeros, out=y_rows[c])
+    else:
+        def part(c):
+            index = (slice(None), c) if x.ndim >= 2 else ...
+            xp.greater(x[index], 0, out=mask[index])
+            xp.maximum(x[index], 0, out=y[index])
 
     map_channel_groups(part, x)
     return y, mask
+
+
+def _is_channel_major(x) -> bool:
+    """True for a 4-D array stored as (C, N, H, W) in memory (see :func:`empty_channel_major`)."""
+    return x.ndim == 4 and x.transpose(1, 0, 2, 3).flags.c_contiguous
+
+
+def _zero_row(rows):
+    """A row of zeros as long as the rows of a (C, M) matrix, made once and kept (only ever read).
+
+    Why: NumPy's ``maximum`` against the scalar 0 runs a slow loop, about 3x the time of a copy;
+    against an array of zeros it runs its vectorised two-array loop. One row of zeros (M values,
+    512 KiB for a 16-channel 32x32 batch of 128) broadcast over the channels gives that loop
+    without a full-size array of zeros to read. Measured on this machine (2 cores, float32,
+    (C, M) = (16, 131072), medians of 50): 0.77 ms against the scalar, 0.34 ms against the row;
+    (64, 8192): 0.19 -> 0.07 ms. Inside training steps (batch 128, 3x32x32, old and new
+    alternating step by step, medians of 10), relu_forward's time per step went from 9.3 to 7.4 ms
+    (ResNet-20) and 33.5 to 28.6 ms (ResNet-56) on 2 threads, 11.5 to 7.9 and 48.0 to 39.1 ms on
+    one: about 1% of a step, which the step times alone cannot resolve.
+    """
+    xp = array_module(rows)
+    key = (xp.__name__, xp.dtype(rows.dtype).str, rows.shape[1])
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        zeros = _ZEROS[key] = xp.zeros(rows.shape[1], dtype=rows.dtype)
+    return zeros
+
+
+_ZEROS: dict = {}  # rows of zeros for relu_forward, by (array module, dtype, length)
+parallel._ON_CLEAR.append(_ZEROS.clear)
 
 
 @_reference_on_a_gpu

@@ -35,3 +35,9 @@ def test_step_table_predicts_from_the_gates_drawn(monkeypatch):
     assert row["predicted"] < 1
     assert set(row["dropped_fraction"]) <= {"stage1", "stage2", "stage3", "transition"}
     assert any(line.startswith("   20 ") for line in lines)
+    # The gap is paired: the median of each round's measured ratio minus that round's prediction,
+    # not the difference of the two columns' medians (which come from different rounds).
+    assert len(row["per_round"]) == 3
+    assert row["gap"] == pytest.approx(sorted(m - p for m, p in row["per_round"])[1])
+    assert row["ratio"] == pytest.approx(sorted(m for m, _ in row["per_round"])[1])
+    assert row["predicted_drawn"] == pytest.approx(sorted(p for _, p in row["per_round"])[1])

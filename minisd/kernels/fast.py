@@ -16,8 +16,9 @@ The tricks, in the order a ResNet step meets them:
 4. **Width-only unfolding and row slides** for the 3x3 convs of every residual block
    (:func:`_same_conv_chunks`), and their backward from dy's width columns
    (:func:`_conv_grads_from_dy_columns`): no 9-fold column matrix anywhere.
-5. **Row sums as matrix-vector products** in batch norm (:func:`_row_sums`), and batch norm and
-   ReLU on groups of channels in threads.
+5. **Row sums as matrix-vector products** in batch norm (:func:`_row_sums`), ReLU's maximum
+   against a row of zeros rather than the scalar 0 (:func:`_zero_row`), and batch norm and ReLU
+   on groups of channels in threads.
 
 All of these are CPU tricks: with CuPy arrays the pairs run the reference instead (measured
 faster on a GPU, see :func:`_reference_on_a_gpu`).

@@ -38,10 +38,12 @@ output ReLU). So a stochastic-depth step with gates b_l should take::
 K_l is measured in the constant-depth steps of the same run and D_l in the stochastic-depth steps
 (a timer around every block's forward and backward), so the prediction charges each stage its own
 speed. The prediction is made round by round, with the kept-block times of that round's
-constant-depth step and the gates its stochastic-depth step drew, and compared as medians of the
-per-round ratios: the gate noise (which blocks happened to run) and the load of the moment are in
-both, and what remains is the cost model's error. The expected ratio, with the survival probabilities p_l in place of the gates, and
-``E[active blocks] / L`` are printed too.
+constant-depth step and the gates its stochastic-depth step drew. The ``gap`` column is the median
+over the rounds of (measured ratio - that round's prediction): the gate noise (which blocks happened
+to run) and the load of the moment are in both sides of each difference, and what remains is the
+cost model's error. (The SD/const and pred(drawn) columns are each a median over the rounds, of
+rounds with different gates, so their difference is not the gap.) The expected ratio, with the
+survival probabilities p_l in place of the gates, and ``E[active blocks] / L`` are printed too.
 """
 from __future__ import annotations
 

@@ -264,8 +264,9 @@ def test_fast_relu_pool_and_shortcut_equal_reference(rng, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fast_relu_on_channel_groups_equals_reference_bit_for_bit(rng, threads, layout):
-    """Large enough to run in groups of channels on threads (2**18 values); exact zeros, both
-    signs of zero and a NaN included: the row-of-zeros maximum must treat them as max(x, 0) does."""
+    """Large enough to run in groups of channels on threads (2**18 values), with exact zeros of
+    both signs and a NaN: the maximum against a row of zeros gives what max(x, 0) gives (a zero
+    output and a False mask at the zeros, NaN and False at the NaN)."""
     x_host = rng.standard_normal((8, 8, 64, 64)).astype(np.float32)
     x_host[0, :, 0, :8] = 0.0
     x_host[1, :, 1, :8] = -0.0

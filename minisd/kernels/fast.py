@@ -519,18 +519,25 @@ def _row_sums(a):
     The matrix-vector product runs about 3x faster than ``a.sum(axis=1)`` on long float32 rows
     here (NumPy's pairwise sum is the more careful one, but the product's float32 error stays
     at a few 1e-7 relative at these lengths: well inside what float32 training can tell apart).
-    The vector of ones is made once per length and kept (a fresh one would pay first touch).
+    The vector of ones is made once per length and kept (see :func:`_kept_row`).
     """
-    xp = array_module(a)
-    key = (xp.__name__, xp.dtype(a.dtype).str, a.shape[1])
-    ones = _ONES.get(key)
-    if ones is None:
-        ones = _ONES[key] = xp.ones(a.shape[1], dtype=a.dtype)
-    return a @ ones
+    return a @ _kept_row(array_module(a), a.dtype, a.shape[1], 1)
 
 
-_ONES: dict = {}  # read-only vectors of ones for _row_sums, by (array module, dtype, length)
-parallel._ON_CLEAR.append(_ONES.clear)  # clear_workspace() frees them with the scratch buffers
+def _kept_row(xp, dtype, length, value):
+    """A vector of ``length`` copies of ``value``, made once and kept: callers only ever read it.
+
+    A fresh one at every call would pay first touch (the kernel maps and zeroes its pages).
+    """
+    key = (xp.__name__, xp.dtype(dtype).str, int(length), value)
+    row = _KEPT_ROWS.get(key)
+    if row is None:
+        row = _KEPT_ROWS[key] = xp.full(int(length), value, dtype=dtype)
+    return row
+
+
+_KEPT_ROWS: dict = {}  # by (array module, dtype, length, value): ones for _row_sums, zeros for relu_forward
+parallel._ON_CLEAR.append(_KEPT_ROWS.clear)  # clear_workspace() frees them with the scratch buffers
 
 
 @_reference_on_a_gpu
@@ -661,7 +668,7 @@ def _is_channel_major(x) -> bool:
 
 
 def _zero_row(rows):
-    """A row of zeros as long as the rows of a (C, M) matrix, made once and kept (only ever read).
+    """A row of zeros as long as the rows of a (C, M) matrix (kept: see :func:`_kept_row`).
 
     Why: NumPy's ``maximum`` against the scalar 0 runs a slow loop, about 3x the time of a copy;
     against an array of zeros it runs its vectorised two-array loop. One row of zeros (M values,
@@ -673,16 +680,7 @@ def _zero_row(rows):
     (ResNet-20) and 33.5 to 28.6 ms (ResNet-56) on 2 threads, 11.5 to 7.9 and 48.0 to 39.1 ms on
     one: about 1% of a step, which the step times alone cannot resolve.
     """
-    xp = array_module(rows)
-    key = (xp.__name__, xp.dtype(rows.dtype).str, rows.shape[1])
-    zeros = _ZEROS.get(key)
-    if zeros is None:
-        zeros = _ZEROS[key] = xp.zeros(rows.shape[1], dtype=rows.dtype)
-    return zeros
-
-
-_ZEROS: dict = {}  # rows of zeros for relu_forward, by (array module, dtype, length)
-parallel._ON_CLEAR.append(_ZEROS.clear)
+    return _kept_row(array_module(rows), rows.dtype, rows.shape[1], 0)
 
 
 @_reference_on_a_gpu

@@ -86,7 +86,7 @@ def clear_workspace() -> None:
         clear()
 
 
-_ON_CLEAR: list = []  # other caches of reused arrays (the fast tier's vectors of ones) register here
+_ON_CLEAR: list = []  # other caches of reused arrays (the fast tier's kept rows) register here
 
 
 def images_per_chunk(x, scratch_bytes_per_image):

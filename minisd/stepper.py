@@ -17,11 +17,12 @@ order they ran: forward, then backward) is numbered 1..M once. Filters hide step
 renumber them, so "step 170 of 328" names the same event in every view, in the text, on the
 slider and in the picture's title.
 
-Where things live: :mod:`minisd.trace` records (and knows nothing of pictures), :mod:`minisd.plots`
-draws (:func:`~minisd.plots.stepper_frame`: the event beside :func:`~minisd.plots.network`), and
-this module walks and shows. Pictures are built with ``matplotlib.figure.Figure`` and shown as PNG
-bytes, never through pyplot (see the note in minisd.plots), so a redraw in JupyterLab, where widget
-callbacks run on a kernel thread of their own, cannot be drawn half-built by pyplot's hooks.
+Where things live: :mod:`minisd.trace` records (and knows nothing of pictures),
+:mod:`minisd.plots.trace_drawings` draws (:func:`~minisd.plots.stepper_frame`: the event beside
+:func:`~minisd.plots.network`), and this module walks and shows. Pictures are built with
+``matplotlib.figure.Figure`` and shown as PNG bytes, never through pyplot (see
+:mod:`minisd.plots.figure`), so a redraw in JupyterLab, where widget callbacks run on a kernel
+thread of their own, cannot be drawn half-built by pyplot's hooks.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import html
 import threading
 from collections import OrderedDict
 
-from minisd import plots
+from minisd.plots import trace_drawings
 from minisd.trace import PHASES, Trace, filter_events
 
 __all__ = ["Stepper"]
@@ -215,7 +216,7 @@ class Stepper:
     def color_limits(self) -> dict:
         """The shared colour scales: {"activation": a, "gradient": g} over every step of the walk."""
         if self._limits is None:
-            self._limits = plots.trace_color_limits(self.walk, self.max_channels)
+            self._limits = trace_drawings.trace_color_limits(self.walk, self.max_channels)
         return self._limits
 
     def figure(self, number: int | None = None):
@@ -224,8 +225,8 @@ class Stepper:
         with self._lock:
             limits = self.color_limits()
             if self._map is None:
-                self._map = plots.NetworkRaster(self.trace)  # the map drawn once; each frame marks its place
-            return plots.stepper_frame(self.trace, self.walk[i], self.heading(i + 1), limits, self.max_channels,
+                self._map = trace_drawings.NetworkRaster(self.trace)  # the map drawn once; each frame marks its place
+            return trace_drawings.stepper_frame(self.trace, self.walk[i], self.heading(i + 1), limits, self.max_channels,
                                        raster=self._map)
 
     def png(self, number: int | None = None) -> bytes:
@@ -235,7 +236,7 @@ class Stepper:
             if i in self._pngs:
                 self._pngs.move_to_end(i)
                 return self._pngs[i]
-            data = plots.figure_png(self.figure(i + 1))
+            data = trace_drawings.figure_png(self.figure(i + 1))
             self._pngs[i] = data
             while len(self._pngs) > 32:
                 self._pngs.popitem(last=False)

@@ -10,9 +10,9 @@
     print(t.table())                          # one line per layer call, forward then backward
     t.events                                  # the same as a list of Event objects
 
-To walk a trace one event at a time, with pictures, use :class:`minisd.stepper.Stepper`; the
-figures live in :mod:`minisd.plots`. This module knows nothing of either (they import it, never the
-other way round), so recording needs no matplotlib.
+To walk a trace one event at a time, with pictures, use :class:`minisd.stepper.Stepper`
+(``Stepper(t).step()``); the figures live in :mod:`minisd.plots`. This module knows nothing of either
+(they import it, never the other way round), so recording needs no matplotlib.
 
 How it works: on entry, every module of the tree (``model.named_modules()``) gets its ``forward``
 and ``backward`` replaced *on the instance* by a small wrapper that calls the original and measures
@@ -392,16 +392,6 @@ class Trace:
     def to_records(self) -> list[dict]:
         """The events as dicts (arrays left out)."""
         return [e.as_dict() for e in self.events]
-
-    def stepper(self, **options):
-        """A :class:`minisd.stepper.Stepper` over this trace: ``s = t.stepper(); s.step(); s.step()``.
-
-        The stepper module imports this one (and the plots), never the reverse at import time: the
-        import below runs only when a stepper is asked for, so loading ``trace`` loads no matplotlib.
-        """
-        from minisd.stepper import Stepper  # noqa: PLC0415  (see the docstring)
-
-        return Stepper(self, **options)
 
     def to_frame(self):
         """A pandas DataFrame of the events (pandas is optional: ImportError with advice if missing)."""

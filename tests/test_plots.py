@@ -57,7 +57,7 @@ def test_survival_schedules(tmp_path):
 
 
 def test_active_block_distribution_is_exact():
-    dist = plots._active_block_distribution([0.5, 0.5])
+    dist = plots.lecture._active_block_distribution([0.5, 0.5])
     np.testing.assert_allclose(dist, [0.25, 0.5, 0.25])
 
 
@@ -108,16 +108,24 @@ def write_metrics(path, epochs, seconds, active):
             handle.write(json.dumps({"epoch": e, "lr": 0.1, "train_loss": 2.0 / e, "train_acc": 1 - 0.5 / e,
                                      "val_loss": 2.2 / e if e > 1 else None, "val_acc": 1 - 0.6 / e,
                                      "active_fraction": active, "steps": 10, "time_s": seconds}) + "\n")
-        handle.write("not json, ignored\n")
 
 
-def test_read_metrics_is_tolerant(tmp_path):
+def test_read_metrics_reads_the_records_minisd_writes(tmp_path):
     write_metrics(tmp_path, 3, 1.5, 0.75)
-    m = plots.read_metrics(tmp_path)
-    assert m["epoch"] == [1, 2, 3] and m["seconds"] == [1.5] * 3 and np.isnan(m["val_loss"][0])
-    (tmp_path / "other.jsonl").write_text('{"loss": 1.0, "accuracy": 50, "seconds": 2}\n{"loss": 0.5}\n')
-    other = plots.read_metrics(tmp_path / "other.jsonl")
-    assert other["epoch"] == [1, 2] and other["train_acc"][0] == 0.5 and np.isnan(other["seconds"][1])
+    records = plots.read_metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert list(plots.column(records, "time_s")) == [1.5] * 3
+    assert np.isnan(plots.column(records, "val_loss")[0]) and np.isnan(plots.column(records, "no_such_key")).all()
+    assert records == plots.read_metrics(tmp_path / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("line", ["not json", '{"loss": 1.0}', "[1, 2]", '{"epoch": "1"}'])
+def test_read_metrics_names_the_file_and_line_it_cannot_read(tmp_path, line):
+    write_metrics(tmp_path, 2, 1.5, 0.75)
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 3: expected one JSON object per epoch"):
+        plots.read_metrics(tmp_path)
 
 
 def test_training_curves(tmp_path):
@@ -230,14 +238,14 @@ def test_network_edges_are_coloured_by_the_traced_gradient_norms(rng):
     fig = plots.network(t)
     ax, cax = fig.axes[0], fig.axes[1]
     data = plots.network_data(t)
-    norm = plots._flow_norm(data)
+    norm = plots.trace_drawings._flow_norm(data)
     # One shared logarithmic scale: from the smallest to the largest norm on the map.
     traced = [e.out_norm for e in t.block_events("backward")] + [e.in_norm for e in t.block_events("backward")]
     traced += [t.find(n + ".shortcut", "backward").out_norm for n in t.block_names]
     traced += [t.find(n + ".branch", "backward").out_norm for n, kept in zip(t.block_names, [1, 0] + [1] * 7) if kept]
     assert norm.vmin == pytest.approx(min(traced)) and norm.vmax == pytest.approx(max(traced))
     assert "gradient norm" in cax.get_xlabel()
-    cmap = matplotlib.colormaps[plots.FLOW_CMAP]
+    cmap = matplotlib.colormaps[plots.trace_drawings.FLOW_CMAP]
     lines = next(c for c in ax.collections if isinstance(c, LineCollection))
     segments, colours = lines.get_segments(), lines.get_colors()
 
@@ -267,7 +275,7 @@ def test_network_marks_the_current_event(rng):
         fig = plots.network(t, highlight=event)
         ax = fig.axes[0]
         spots = [p for p in ax.patches if isinstance(p, Rectangle) and
-                 matplotlib.colors.to_hex(p.get_facecolor()) == plots.HIGHLIGHT_COLOR.lower()]
+                 matplotlib.colors.to_hex(p.get_facecolor()) == plots.trace_drawings.HIGHLIGHT_COLOR.lower()]
         arrows = [x.get_text() for x in ax.texts if x.get_text() in ("\u25bc", "\u25b2")]
         return spots, arrows
 

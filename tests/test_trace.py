@@ -244,54 +244,33 @@ def test_describe_a_dropped_standalone_block_keeps_its_output_relu(rng):
 
 
 def test_trace_knows_nothing_of_plots_or_the_stepper():
-    """The dependency runs one way: plots and stepper import trace, never the reverse."""
+    """The dependency runs one way: the stepper imports the plots and the trace, the plots import no
+    stepper, and the trace imports neither (recording needs no matplotlib)."""
     import ast
     import pathlib
+    import subprocess
+    import sys
 
     import minisd
 
     package = pathlib.Path(minisd.__file__).parent
 
-    def imports(filename, skip=()):
-        """Modules imported anywhere in ``filename``, except inside the functions named in ``skip``."""
+    def imports(*paths):
+        """Modules imported anywhere in the files under ``paths`` (files or folders of the package)."""
         found = set()
-        tree = ast.parse((package / filename).read_text())
-        skipped = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name in skip
-                   for n in ast.walk(f)}
-        for node in ast.walk(tree):
-            if id(node) in skipped:
-                continue
-            if isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        files = [f for p in paths for f in ((package / p).rglob("*.py") if (package / p).is_dir() else [package / p])]
+        for tree in (ast.parse(f.read_text()) for f in files):
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    found |= {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
         return found
 
-    # Trace.stepper() is the one convenience that reaches the stepper, by an import inside the
-    # method, run only when it is called: loading trace loads neither the stepper nor matplotlib.
-    trace_imports = imports("trace.py", skip=("stepper",))
+    trace_imports = imports("trace.py")
     assert not {m for m in trace_imports if "plots" in m or "stepper" in m or "matplotlib" in m}, trace_imports
-    assert imports("trace.py") - trace_imports == {"minisd.stepper", "minisd.stepper.Stepper"}
-    assert not {m for m in imports("plots.py") if "stepper" in m}
-    assert {"minisd.plots", "minisd.trace"} <= imports("stepper.py")
-
-
-def test_t_stepper_walks_and_keeps_its_position():
-    """``s = t.stepper(); s.step(); s.step()`` walks (the spelling of the README and the issue)."""
-    import subprocess
-    import sys
-
-    from minisd import models
-
-    model = models.resnet_cifar(depth=8, in_channels=1, seed=0)
-    x = dev(np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32))
-    with trace.record(model) as t:
-        logits = model(x)
-        model.backward(logits * 0 + 1 / logits.size)
-    s = t.stepper(draw=False)
-    s.step()
-    s.step()
-    assert s.number == 2 and s.current is s.walk[1]
+    assert "minisd.stepper" not in imports("plots")
+    assert {"minisd.plots.trace_drawings", "minisd.trace"} <= imports("stepper.py")
     loaded = subprocess.run([sys.executable, "-c", "import sys, minisd.trace; "
                              "print('matplotlib' in sys.modules, 'minisd.stepper' in sys.modules)"],
                             capture_output=True, text=True, timeout=120)

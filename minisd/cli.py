@@ -77,7 +77,7 @@ def _add_kernels(p):
 
 
 def _add_train(sub):
-    from minisd.train import Settings  # noqa: PLC0415
+    from minisd.training import Settings  # noqa: PLC0415
 
     d = Settings()
     p = sub.add_parser("train", help="train a stochastic-depth ResNet",
@@ -148,9 +148,9 @@ def _error(message) -> int:
 
 
 def _cmd_train(args, parser) -> int:
-    from minisd import train  # noqa: PLC0415
+    from minisd import training  # noqa: PLC0415
 
-    names = [f.name for f in dataclasses.fields(train.Settings)]
+    names = [f.name for f in dataclasses.fields(training.Settings)]
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     progress = False if args.quiet else None
     if args.resume:
@@ -159,23 +159,23 @@ def _cmd_train(args, parser) -> int:
             options = ", ".join("--" + k.replace("_", "-") for k in extra)
             return _error(f"--resume continues with the checkpoint's settings; drop {options} "
                           "(only --backend, --kernels and --data-dir may change)")
-        result = train.resume(args.resume, progress=progress, backend_name=given.get("backend"),
+        result = training.resume(args.resume, progress=progress, backend_name=given.get("backend"),
                               data_dir=given.get("data_dir"), kernels_name=given.get("kernels"))
     else:
-        settings = train.Settings(**given)
-        result = train.fit(settings, run_dir=args.out, progress=progress)
+        settings = training.Settings(**given)
+        result = training.fit(settings, run_dir=args.out, progress=progress)
     return 0 if result is not None else EXIT_ERROR
 
 
 def _cmd_evaluate(args) -> int:
     import os  # noqa: PLC0415
 
-    from minisd import train  # noqa: PLC0415
+    from minisd import training  # noqa: PLC0415
 
     path = args.checkpoint
     if os.path.isdir(path):
         path = os.path.join(path, "best.npz")
-    out = train.evaluate_checkpoint(path, args.split, data_dir=args.data_dir, backend_name=args.backend)
+    out = training.evaluate_checkpoint(path, args.split, data_dir=args.data_dir, backend_name=args.backend)
     if not math.isfinite(out["loss"]):
         return _error(f"{path} gives a non-finite loss on the {out['split']} split (accuracy {100 * out['acc']:.2f}%): "
                       "its weights are finite but overflow in the forward pass (the run diverged)")
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from minisd import data, train  # noqa: PLC0415
+    from minisd import data, training  # noqa: PLC0415
 
     # NumPy's overflow warnings would bury the one line: training and evaluation check for
     # non-finite losses and weights themselves and say where it happened.
@@ -283,14 +283,14 @@ def main(argv=None) -> int:
             return _cmd_evaluate(args)
         if args.command == "gradcheck":
             return _cmd_gradcheck(args)
-    except train.TrainingInterrupted as exc:
+    except training.TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("minisd: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (data.DataError, train.CheckpointError, train.SettingsError, train.RunFolderError,
-            train.NonFiniteLossError, backend.BackendUnavailable) as exc:
+    except (data.DataError, training.CheckpointError, training.SettingsError, training.RunFolderError,
+            training.NonFiniteLossError, backend.BackendUnavailable) as exc:
         return _error(exc)
     except OSError as exc:
         return _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc)

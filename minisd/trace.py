@@ -4,9 +4,7 @@
 
     from minisd import trace
     with trace.record(model) as t:           # keep_arrays=True also keeps copies of the arrays
-        logits = model(x)
-        loss, cache = F.softmax_cross_entropy_forward(logits, labels)
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        loss, logits = train_step(model, x, labels)   # minisd.training.train_step
     print(t.table())                          # one line per layer call, forward then backward
     t.events                                  # the same as a list of Event objects
 

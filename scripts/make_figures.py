@@ -26,7 +26,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from minisd import backend, data, functional as F, models, plots, trace, train  # noqa: E402
+from minisd import backend, data, models, plots, trace, training  # noqa: E402
+from minisd.training import train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("gradient_flow", "gradient_magnitude")
@@ -34,9 +35,7 @@ FIGURES = ("gradient_flow", "gradient_magnitude")
 
 def traced_step(model, x, labels):
     with trace.record(model) as t:
-        _, cache = F.softmax_cross_entropy_forward(model(x), labels)
-        model.zero_grad()
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        train_step(model, x, labels)
     return t
 
 
@@ -62,11 +61,11 @@ def trained_runs(runs_dir, depth, schedule, final_survival, seeds, epochs, lr):
         if os.path.exists(os.path.join(folder, "summary.json")):
             print(f"reusing {folder}", flush=True)
         elif os.path.exists(os.path.join(folder, "last.npz")):
-            train.resume(folder, progress=False)
+            training.resume(folder, progress=False)
         else:
-            settings = train.Settings(depth=depth, schedule=schedule, final_survival=final_survival, seed=seed,
+            settings = training.Settings(depth=depth, schedule=schedule, final_survival=final_survival, seed=seed,
                                       epochs=epochs, lr=lr)
-            train.fit(settings, run_dir=folder, progress=False)
+            training.fit(settings, run_dir=folder, progress=False)
         folders.append(folder)
     return folders
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from minisd import backend, bench, cli, optim, train
+from minisd import backend, bench, cli, optim
 
 TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "32", "--train-subset", "64", "--quiet"]
 
@@ -294,8 +294,8 @@ def test_a_second_run_in_a_busy_folder_refuses_in_one_line_and_a_dead_run_frees_
     writes anything; once that process dies, even by kill -9, the folder is free."""
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from minisd import train\n"
-         "with train._run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(run)],
+        [sys.executable, "-c", "import sys, time; from minisd import training\n"
+         "with training.run_folder.run_folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(run)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -328,8 +328,9 @@ def test_train_on_the_reference_kernels_records_the_tier_and_resumes_on_it(tmp_p
     with open(os.path.join(run, "settings.json")) as handle:
         assert json.load(handle)["kernels"] == "reference"
     kernels.use("fast")
-    assert cli.main(["train", "--resume", run, "--quiet"]) == 0  # finished: nothing left, but settings load
-    assert kernels.active() == "reference"
+    # Finished: the resume only evaluates again, on the recorded tier (the fast kernels still refuse).
+    assert cli.main(["train", "--resume", run, "--quiet"]) == 0
+    assert kernels.active() == "fast"  # and the caller's tier is back afterwards
 
 
 def test_a_bad_minisd_kernels_gives_one_line_and_kernels_option_overrides_it(monkeypatch, capsys):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from minisd import backend, gradcheck, layers, models, residual
-from minisd import functional as F
+from minisd.training import train_step
 from minisd.backend import BackendUnavailable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -65,10 +65,7 @@ def _batch(rng, n=4, size=8, dtype="float32"):
 def _train_step(model, x, labels):
     """Forward, loss, backward; returns the loss as a Python float (the one host copy)."""
     model.train()
-    model.zero_grad()
-    logits = model(_on_model(model, x))
-    loss, cache = F.softmax_cross_entropy_forward(logits, _on_model(model, labels))
-    model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+    loss, _ = train_step(model, _on_model(model, x), _on_model(model, labels))
     return float(backend.to_numpy(loss))
 
 
@@ -401,8 +398,5 @@ def test_training_step_never_synchronises_with_the_host(target):
         warnings.simplefilter("ignore")  # allow_synchronize is deprecated (it may miss some syncs)
         with cupyx.allow_synchronize(False):
             for _ in range(2):  # gates are drawn on the host: no device round trip decides a branch
-                model.zero_grad()
-                logits = model(x)
-                loss, cache = F.softmax_cross_entropy_forward(logits, labels)
-                model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+                loss, _ = train_step(model, x, labels)
     assert np.isfinite(float(backend.to_numpy(loss)))  # the one host copy, outside the layers

@@ -31,7 +31,6 @@ NUMPY_ALLOWED = {
                    "round trip decides a branch); force_gate reads masks with to_numpy",
     "models.py": "seeded host generators for initial weights and the gate stream; host means of gates",
     "data.py": "datasets are loaded, decoded and shuffled on the host before backend.to_device",
-    "train.py": "metrics from to_numpy values and .npz checkpoints are host-side",
     "training/": "metrics from to_numpy values and .npz checkpoints are host-side",
     "trace.py": "records to_numpy summaries of what each layer did, for teaching",
     "plots/": "matplotlib takes host arrays",

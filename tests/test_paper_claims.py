@@ -8,19 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from minisd import backend, data, models, optim, plots, train
-from minisd import functional as F
+from minisd import backend, data, models, optim, plots, training
 
 
 def tiny(**overrides):
     """ResNet-8 (3 blocks) on 96 digits, batches of 32: 3 steps an epoch, about a second."""
     values = dict(depth=8, epochs=2, batch_size=32, train_subset=96, seed=5)
     values.update(overrides)
-    return train.Settings(**values)
+    return training.Settings(**values)
 
 
 def quiet_fit(settings, run_dir):
-    return train.fit(settings, run_dir=run_dir, log=lambda line: None, progress=False)
+    return training.fit(settings, run_dir=run_dir, log=lambda line: None, progress=False)
 
 
 def records_of(run_dir):
@@ -32,7 +31,7 @@ def watch_steps(monkeypatch):
     blocks ran, and mean |g| of the first conv's weight and of each block's branch, computed here
     directly in float64 on the host."""
     seen = []
-    original = train.GradientMagnitudes.add_step
+    original = training.GradientMagnitudes.add_step
 
     def add_step(self):
         ran = [not block.branch_skipped for block in self.blocks]
@@ -45,7 +44,7 @@ def watch_steps(monkeypatch):
         seen.append({"ran": ran, "first": first, "branches": branches})
         original(self)
 
-    monkeypatch.setattr(train.GradientMagnitudes, "add_step", add_step)
+    monkeypatch.setattr(training.GradientMagnitudes, "add_step", add_step)
     return seen
 
 
@@ -102,7 +101,7 @@ def test_first_conv_gradient_matches_an_independent_replay_of_the_first_epoch(tm
     """Replay epoch 1 by hand (same weights, batches, augmentation and gates) and compare."""
     settings = tiny(schedule="linear", final_survival=0.5, epochs=1)
     result = quiet_fit(settings, tmp_path / "run")
-    resolved = train.Settings.from_dict(json.loads((tmp_path / "run" / "settings.json").read_text()))
+    resolved = training.Settings.from_dict(json.loads((tmp_path / "run" / "settings.json").read_text()))
 
     backend.seed(resolved.seed)
     digits = data.load_digits()
@@ -118,9 +117,7 @@ def test_first_conv_gradient_matches_an_independent_replay_of_the_first_epoch(tm
     per_step = []
     for xb, yb in data.batches(train_split, resolved.batch_size, order=order, aug_rng=aug_rng,
                                translate=resolved.translate, flip=resolved.flip):
-        model.zero_grad()
-        loss, cache = F.softmax_cross_entropy_forward(model(xb), yb)
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        training.train_step(model, xb, yb)
         per_step.append(float(np.abs(backend.to_numpy(model.conv1.grads["weight"]).astype(np.float64)).mean()))
         opt.step()
     assert len(per_step) == 3
@@ -129,7 +126,7 @@ def test_first_conv_gradient_matches_an_independent_replay_of_the_first_epoch(tm
 
 def test_test_accuracy_is_reported_but_does_not_choose_the_checkpoint(tmp_path):
     result = quiet_fit(tiny(epochs=3), tmp_path / "run")
-    last = train.evaluate_checkpoint(tmp_path / "run" / "last.npz", "test")
+    last = training.evaluate_checkpoint(tmp_path / "run" / "last.npz", "test")
     assert result.history[-1]["test_acc"] == pytest.approx(last["acc"])
     assert result.history[-1]["test_loss"] == pytest.approx(last["loss"], rel=1e-5)
     vals = [(h["val_acc"], -h["val_loss"]) for h in result.history]
@@ -140,21 +137,19 @@ def test_gradient_magnitudes_state_round_trip_is_exact():
     model = models.resnet_cifar(depth=8, in_channels=1, schedule="linear", final_survival=0.0, seed=0)
     x = backend.to_device(np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32))
     labels = backend.to_device(np.arange(4))
-    magnitudes = train.GradientMagnitudes(model.conv1, model.blocks)
+    magnitudes = training.GradientMagnitudes(model.conv1, model.blocks)
     for _ in range(3):
-        model.zero_grad()
-        loss, cache = F.softmax_cross_entropy_forward(model(x), labels)
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        training.train_step(model, x, labels)
         magnitudes.add_step()
     state = json.loads(json.dumps(magnitudes.state_dict()))
-    copy = train.GradientMagnitudes(model.conv1, model.blocks)
+    copy = training.GradientMagnitudes(model.conv1, model.blocks)
     copy.load_state_dict(state)
     assert copy.summary() == magnitudes.summary()
     assert copy.summary()["block_grad"][2] is None               # p = 0: never ran
     copy.load_state_dict(None)                                  # a checkpoint from before: start afresh
     assert copy.summary() == {"first_conv_grad": None, "block_grad": [None, None, None]}
     with pytest.raises(ValueError, match="3"):
-        train.GradientMagnitudes(model.conv1, model.blocks[:2]).load_state_dict(state)
+        training.GradientMagnitudes(model.conv1, model.blocks[:2]).load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +165,7 @@ def assert_png(path):
 
 
 def fake_run(seed, scale, epochs=6, blocks=3):
-    """Epoch records as minisd.train writes them: gradients shrinking, test error falling."""
+    """Epoch records as minisd.training writes them: gradients shrinking, test error falling."""
     rng = np.random.default_rng(seed)
     return [{"epoch": e, "lr": 0.1 if e <= 3 else 0.01, "train_loss": 2.0 / e * (1 + 0.1 * rng.random()),
              "test_acc": 1 - 0.5 / e * scale * (1 + 0.1 * rng.random()), "first_conv_grad": scale * 0.04 / e * (1 + 0.1 * rng.random()),
@@ -306,9 +301,7 @@ def test_branch_gradient_norms_figure(tmp_path, no_pyplot_figures):
     model.force_gates([True, False, True, True, False, True])
     x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
     x = backend.to_device(x, backend.backend_of(model.conv1.params["weight"]))
-    loss, cache = F.softmax_cross_entropy_forward(model(x), np.arange(4))
-    model.zero_grad()
-    model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+    training.train_step(model, x, np.arange(4))
     fig = plots.branch_gradient_norms(model, save=tmp_path / "b.png")
     (ax,) = fig.axes
     (bars,) = ax.containers

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from helpers import dev  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from minisd import functional as F  # noqa: E402
+from minisd.training import train_step  # noqa: E402
 from minisd import models, plots, trace  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,9 +38,7 @@ def one_step_trace(model, rng, keep_arrays=False):
     x = dev(rng.standard_normal((4, 1, 8, 8)).astype("float32"))
     labels = np.arange(4)
     with trace.record(model, keep_arrays=keep_arrays) as t:
-        _, cache = F.softmax_cross_entropy_forward(model(x), labels)
-        model.zero_grad()
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        train_step(model, x, labels)
     return t
 
 
@@ -102,7 +100,7 @@ def test_gradient_flow(tmp_path, rng):
 
 
 def write_metrics(path, epochs, seconds, active):
-    # The fields minisd.train writes, one JSON line per epoch (validation may be missing: null).
+    # The fields minisd.training writes, one JSON line per epoch (validation may be missing: null).
     with open(path / "metrics.jsonl", "w", encoding="utf-8") as handle:
         for e in range(1, epochs + 1):
             handle.write(json.dumps({"epoch": e, "lr": 0.1, "train_loss": 2.0 / e, "train_acc": 1 - 0.5 / e,

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from helpers import dev  # noqa: E402
 from matplotlib.image import AxesImage  # noqa: E402
 
-from minisd import functional as F  # noqa: E402
+from minisd.training import train_step  # noqa: E402
 from minisd import models, plots, stepper, trace  # noqa: E402
 from minisd.stepper import Stepper  # noqa: E402
 
@@ -30,9 +30,7 @@ def traced_step(rng, gates=GATES, keep_arrays=True):
     model.force_gates(gates)
     x = dev(rng.standard_normal((4, 1, 8, 8)))
     with trace.record(model, keep_arrays=keep_arrays) as t:
-        _, cache = F.softmax_cross_entropy_forward(model(x), np.arange(4))
-        model.zero_grad()
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        train_step(model, x, np.arange(4))
     return t
 
 
@@ -259,8 +257,7 @@ def test_redraw_of_resnet56_on_digits_is_quick():
     x, labels = dev(digits.train.x[:32]), dev(digits.train.y[:32])
     model = models.resnet_cifar(depth=56, in_channels=1, seed=0)
     with trace.record(model, keep_arrays=True) as t56:
-        _, cache = F.softmax_cross_entropy_forward(model(x), labels)
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        train_step(model, x, labels)
     s = Stepper(t56)
     s.png(1)  # the shared scales and the map's data are computed once, at the first picture
     seconds = []
@@ -280,13 +277,13 @@ def test_in_a_notebook_each_step_displays_one_picture(tmp_path):
     pytest.importorskip("ipykernel")
     setup = """
 import numpy as np
-from minisd import functional as F, models, trace
+from minisd import models, trace
 from minisd.stepper import Stepper
+from minisd.training import train_step
 model = models.resnet_cifar(depth=8, in_channels=1)
 x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype("float32")
 with trace.record(model, keep_arrays=True) as t:
-    _, cache = F.softmax_cross_entropy_forward(model(x), np.arange(2))
-    model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+    train_step(model, x, np.arange(2))
 import matplotlib.pyplot as plt   # pyplot loaded, as in notebook 4: its hooks must draw nothing of ours
 """
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup),

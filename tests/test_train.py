@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from minisd import backend, data, models, optim, train
+from minisd import backend, data, models, optim, training
 from minisd import functional as F
 
 
@@ -19,16 +19,16 @@ def tiny(**overrides):
     """A run that takes about a second: ResNet-8 on 96 digits, batches of 32 (3 steps an epoch)."""
     values = dict(depth=8, epochs=2, batch_size=32, train_subset=96, seed=3)
     values.update(overrides)
-    return train.Settings(**values)
+    return training.Settings(**values)
 
 
 def quiet_fit(settings, run_dir, lines=None):
     log = (lines.append if lines is not None else (lambda line: None))
-    return train.fit(settings, run_dir=run_dir, log=log, progress=False)
+    return training.fit(settings, run_dir=run_dir, log=log, progress=False)
 
 
 def params_of(path):
-    arrays, optim_arrays, meta = train.load_checkpoint(path)
+    arrays, optim_arrays, meta = training.load_checkpoint(path)
     return arrays, optim_arrays, meta
 
 
@@ -86,7 +86,7 @@ def test_reported_test_accuracy_is_the_best_validation_checkpoint(reference):
     result, run, _ = reference
     vals = [(h["val_acc"], -h["val_loss"]) for h in result.history]
     assert result.best_epoch == 1 + max(range(3), key=lambda i: vals[i])
-    best = train.evaluate_checkpoint(run / "best.npz", "test")
+    best = training.evaluate_checkpoint(run / "best.npz", "test")
     assert best["acc"] == pytest.approx(result.test_acc)
     assert best["epoch"] == result.best_epoch  # the checkpoint was saved after that epoch
 
@@ -124,14 +124,14 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, where,
                 os.kill(os.getpid(), signal.SIGINT)
     else:
         _interrupt_when(monkeypatch, 3 if where == "last-step-of-epoch-1" else 4)
-    with pytest.raises(train.TrainingInterrupted, match="resume with: minisd train --resume") as info:
-        train.fit(tiny(epochs=3), run_dir=tmp_path / "cut", log=log or (lambda line: None), progress=False)
+    with pytest.raises(training.TrainingInterrupted, match="resume with: minisd train --resume") as info:
+        training.fit(tiny(epochs=3), run_dir=tmp_path / "cut", log=log or (lambda line: None), progress=False)
     assert info.value.checkpoint == str(tmp_path / "cut" / "last.npz")
-    _, _, meta = train.load_checkpoint(tmp_path / "cut")
+    _, _, meta = training.load_checkpoint(tmp_path / "cut")
     expected = {"after-epoch-1": (1, 0), "last-step-of-epoch-1": (0, 3), "mid-epoch-2": (1, 1)}[where]
     assert (meta["epoch"], meta["step"]) == expected
     monkeypatch.undo()
-    resumed = train.resume(tmp_path / "cut", log=lambda line: None, progress=False)
+    resumed = training.resume(tmp_path / "cut", log=lambda line: None, progress=False)
     assert_same_checkpoint_state(full_dir / "last.npz", tmp_path / "cut" / "last.npz")
     assert_same_checkpoint_state(full_dir / "best.npz", tmp_path / "cut" / "best.npz")
     assert without_time(resumed.history) == without_time(full.history)
@@ -144,9 +144,9 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
     model = models.resnet_cifar(depth=8, in_channels=1, seed=1)
     opt = optim.SGD(model, lr=0.1, momentum=0.9)
     opt.buffers["fc.weight"] = backend.xp().ones((10, 64), dtype=np.float32)
-    path = train.save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 4, "note": "x"})
+    path = training.save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 4, "note": "x"})
     assert os.listdir(tmp_path) == ["c.npz"]
-    arrays, optim_arrays, meta = train.load_checkpoint(path)
+    arrays, optim_arrays, meta = training.load_checkpoint(path)
     assert meta["epoch"] == 4 and meta["optimizer"]["momentum"] == 0.9
     assert list(arrays) == list(model.state_dict())
     np.testing.assert_array_equal(optim_arrays["fc.weight"], 1)
@@ -160,22 +160,22 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
     model = models.resnet_cifar(depth=8, in_channels=1)
-    path = train.save_checkpoint(tmp_path / "c.npz", model, None, {})
-    arrays, _, _ = train.load_checkpoint(path)
+    path = training.save_checkpoint(tmp_path / "c.npz", model, None, {})
+    arrays, _, _ = training.load_checkpoint(path)
     bigger = models.resnet_cifar(depth=14, in_channels=1)
-    with pytest.raises(train.CheckpointError, match="missing: .*layer1.1.branch.0.weight"):
-        train._load_into_model(bigger, arrays, path)
+    with pytest.raises(training.CheckpointError, match="missing: .*layer1.1.branch.0.weight"):
+        training.checkpoints.load_into_model(bigger, arrays, path)
     arrays["fc.weight"] = np.zeros((3, 64), np.float32)
-    with pytest.raises(train.CheckpointError, match=r"fc.weight: expected shape \(10, 64\), got \(3, 64\)"):
-        train._load_into_model(model, arrays, path)
-    with pytest.raises(train.CheckpointError, match="not found"):
-        train.load_checkpoint(tmp_path / "nothing.npz")
+    with pytest.raises(training.CheckpointError, match=r"fc.weight: expected shape \(10, 64\), got \(3, 64\)"):
+        training.checkpoints.load_into_model(model, arrays, path)
+    with pytest.raises(training.CheckpointError, match="not found"):
+        training.load_checkpoint(tmp_path / "nothing.npz")
     np.savez(tmp_path / "objects.npz", meta=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(train.CheckpointError, match="cannot read"):  # refused: allow_pickle=False
-        train.load_checkpoint(tmp_path / "objects.npz")
+    with pytest.raises(training.CheckpointError, match="cannot read"):  # refused: allow_pickle=False
+        training.load_checkpoint(tmp_path / "objects.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(train.CheckpointError, match="cannot read"):
-        train.load_checkpoint(tmp_path / "junk.npz")
+    with pytest.raises(training.CheckpointError, match="cannot read"):
+        training.load_checkpoint(tmp_path / "junk.npz")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -194,16 +194,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return loss, cache
 
     monkeypatch.setattr(F, "softmax_cross_entropy_forward", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 2, step 2 .*last.npz"):
+    with pytest.raises(training.NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 2, step 2 .*last.npz"):
         quiet_fit(tiny(epochs=3), run)
     assert (run / "last.npz").read_bytes() == saved["last"]
-    _, _, meta = train.load_checkpoint(run / "last.npz")
+    _, _, meta = training.load_checkpoint(run / "last.npz")
     assert (meta["epoch"], meta["step"]) == (1, 0)
 
 
 def test_run_folder_is_not_overwritten(reference):
     before = (reference[1] / "last.npz").read_bytes()
-    with pytest.raises(train.RunFolderError, match="--resume"):
+    with pytest.raises(training.RunFolderError, match="--resume"):
         quiet_fit(tiny(epochs=1), reference[1])
     assert (reference[1] / "last.npz").read_bytes() == before
 
@@ -219,7 +219,7 @@ def test_evaluate_runs_every_branch_and_restores_the_mode(rng):
     x = rng.standard_normal((10, 1, 8, 8)).astype(np.float32)
     split = data.Split(x, np.arange(10) % 10).to()
     model.train()
-    loss, acc = train.evaluate(model, split, batch_size=4)
+    loss, acc = training.evaluate(model, split, batch_size=4)
     assert [len(c) for c in calls] == [3, 3, 3]  # every branch, on each of the 3 batches
     assert not any(block.branch_skipped for block in model.blocks)
     assert model.training
@@ -228,17 +228,17 @@ def test_evaluate_runs_every_branch_and_restores_the_mode(rng):
     expected_loss, _ = F.softmax_cross_entropy_forward(logits, split.y)
     expected_acc = float(np.mean(backend.to_numpy(logits).argmax(axis=1) == np.arange(10) % 10))
     assert loss == pytest.approx(float(expected_loss), rel=1e-5) and acc == pytest.approx(expected_acc)
-    train.evaluate(model, split)
+    training.evaluate(model, split)
     assert not model.training
 
 
 def test_settings_are_validated():
-    with pytest.raises(train.SettingsError, match="6n \\+ 2"):
-        train.Settings(depth=10).validate()
-    with pytest.raises(train.SettingsError, match="unknown dataset"):
-        train.Settings(dataset="mnist").validate()
-    with pytest.raises(train.SettingsError, match="batch size"):
-        train.Settings(batch_size=1).validate()
+    with pytest.raises(training.SettingsError, match="6n \\+ 2"):
+        training.Settings(depth=10).validate()
+    with pytest.raises(training.SettingsError, match="unknown dataset"):
+        training.Settings(dataset="mnist").validate()
+    with pytest.raises(training.SettingsError, match="batch size"):
+        training.Settings(batch_size=1).validate()
 
 
 def test_cifar10_run_on_generated_files(tmp_path):
@@ -338,10 +338,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     _DeviceArray.reads = []
     for _, (xb, yb) in zip(range(3), stream):
         assert backend.is_device_array(xb) and backend.is_device_array(yb)
-        model.zero_grad()
-        logits = model(xb)
-        loss, cache = F.softmax_cross_entropy_forward(logits, yb)
-        model.backward(F.softmax_cross_entropy_backward(1.0, cache))
+        loss, _ = training.train_step(model, xb, yb)
         opt.step()
     assert _DeviceArray.reads == []
     assert True in model.gates() or False in model.gates()
@@ -377,19 +374,19 @@ def _all_finite(path):
 def test_non_finite_weights_are_never_saved_and_the_message_names_the_last_finite_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     _poison_after(monkeypatch, 5)  # epoch 2 of 3 steps each
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite weights at the end of epoch 2 \(1 array: "
+    with pytest.raises(training.NonFiniteLossError, match=r"non-finite weights at the end of epoch 2 \(1 array: "
                                                         r"model.bn1.running_var\).*the last finite checkpoint is "
                                                         r".*last.npz \(end of epoch 1\)"):
         quiet_fit(tiny(epochs=3), run)
     for name in ("last.npz", "best.npz"):
         assert _all_finite(run / name)
-    assert train.load_checkpoint(run / "last.npz")[2]["epoch"] == 1
+    assert training.load_checkpoint(run / "last.npz")[2]["epoch"] == 1
 
 
 def test_non_finite_weights_in_the_first_epoch_leave_a_folder_to_reuse(tmp_path, monkeypatch):
     run = tmp_path / "run"
     _poison_after(monkeypatch, 2)
-    with pytest.raises(train.NonFiniteLossError, match="no checkpoint was written, so .* holds nothing to resume"):
+    with pytest.raises(training.NonFiniteLossError, match="no checkpoint was written, so .* holds nothing to resume"):
         quiet_fit(tiny(epochs=1), run)
     assert not (run / "last.npz").exists() and not (run / "best.npz").exists()
     monkeypatch.undo()
@@ -401,15 +398,15 @@ def test_non_finite_weights_in_the_first_epoch_leave_a_folder_to_reuse(tmp_path,
 def test_checkpoints_with_non_finite_values_are_neither_written_nor_loaded(tmp_path):
     model = models.resnet_cifar(depth=8, in_channels=1)
     model.bn1.buffers["running_var"][1] = np.nan
-    with pytest.raises(train.NonFiniteCheckpointError, match=r"not saving .*c.npz: non-finite values in 1 array: "
+    with pytest.raises(training.NonFiniteCheckpointError, match=r"not saving .*c.npz: non-finite values in 1 array: "
                                                               r"model.bn1.running_var"):
-        train.save_checkpoint(tmp_path / "c.npz", model)
+        training.save_checkpoint(tmp_path / "c.npz", model)
     assert os.listdir(tmp_path) == []  # not even a temporary file
     # one written by an older minisd (or by hand) is refused when loaded: no evaluation, no resume
     arrays = {f"model.{k}": backend.to_numpy(v) for k, v in model.state_dict().items()}
-    np.savez(tmp_path / "old.npz", meta=np.array(json.dumps({"format": train.CHECKPOINT_FORMAT})), **arrays)
-    with pytest.raises(train.NonFiniteCheckpointError, match="holds non-finite values .*cannot be evaluated or resumed"):
-        train.load_checkpoint(tmp_path / "old.npz")
+    np.savez(tmp_path / "old.npz", meta=np.array(json.dumps({"format": training.checkpoints.CHECKPOINT_FORMAT})), **arrays)
+    with pytest.raises(training.NonFiniteCheckpointError, match="holds non-finite values .*cannot be evaluated or resumed"):
+        training.load_checkpoint(tmp_path / "old.npz")
 
 
 def test_a_folder_without_a_checkpoint_is_reused_or_resumed_as_a_fresh_start(tmp_path, reference):
@@ -422,7 +419,7 @@ def test_a_folder_without_a_checkpoint_is_reused_or_resumed_as_a_fresh_start(tmp
     (run / "metrics.jsonl").write_text("")
     (run / ".tmp-0123abcd.npz").write_bytes(b"PK\x03\x04 half a zip")
     lines = []
-    resumed = train.resume(run, log=lines.append, progress=False)
+    resumed = training.resume(run, log=lines.append, progress=False)
     assert any("no checkpoint in" in line and "starting it again from the beginning" in line for line in lines)
     assert any(line.startswith("removed 1 partial file") for line in lines)
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
@@ -430,8 +427,8 @@ def test_a_folder_without_a_checkpoint_is_reused_or_resumed_as_a_fresh_start(tmp
     assert resumed.test_acc == full.test_acc
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(train.CheckpointError, match="nothing to resume in .*empty: no checkpoint"):
-        train.resume(empty, progress=False)
+    with pytest.raises(training.CheckpointError, match="nothing to resume in .*empty: no checkpoint"):
+        training.resume(empty, progress=False)
 
 
 def test_ctrl_c_is_acknowledged_at_once(tmp_path, monkeypatch):
@@ -451,8 +448,8 @@ def test_ctrl_c_is_acknowledged_at_once(tmp_path, monkeypatch):
         if line.startswith("Ctrl-C"):
             events.append(line)
 
-    with pytest.raises(train.TrainingInterrupted):
-        train.fit(tiny(epochs=1), run_dir=tmp_path / "run", log=log, progress=False)
+    with pytest.raises(training.TrainingInterrupted):
+        training.fit(tiny(epochs=1), run_dir=tmp_path / "run", log=log, progress=False)
     assert events[0] == "step" and events[1].startswith("Ctrl-C: saving a checkpoint at the next safe point")
     assert events[2:] == ["after the signal"]  # said before anything else ran, and no further step
 
@@ -460,7 +457,7 @@ def test_ctrl_c_is_acknowledged_at_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("which", ["validation-of-the-last-epoch", "final-test-evaluation"])
 def test_ctrl_c_during_evaluation_stops_and_resumes_exactly(tmp_path, monkeypatch, reference, which):
     full, full_dir, _ = reference
-    original = train.evaluate
+    original = training.evaluate
     calls = []
 
     def evaluate(*args, **kwargs):
@@ -471,18 +468,18 @@ def test_ctrl_c_during_evaluation_stops_and_resumes_exactly(tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(training.loop, "evaluate", evaluate)
     run = tmp_path / "run"
-    with pytest.raises(train.TrainingInterrupted, match="resume with: minisd train --resume") as info:
+    with pytest.raises(training.TrainingInterrupted, match="resume with: minisd train --resume") as info:
         quiet_fit(tiny(epochs=3), run)
-    meta = train.load_checkpoint(run / "last.npz")[2]
+    meta = training.load_checkpoint(run / "last.npz")[2]
     if which.startswith("validation"):
         assert (meta["epoch"], meta["step"]) == (2, 3)  # the epoch's steps are done, its validation is not
     else:
         assert "during the final test evaluation" in str(info.value) and (meta["epoch"], meta["step"]) == (3, 0)
         assert not (run / "summary.json").exists()
     monkeypatch.undo()
-    resumed = train.resume(run, log=lambda line: None, progress=False)
+    resumed = training.resume(run, log=lambda line: None, progress=False)
     assert without_time(resumed.history) == without_time(full.history)
     assert resumed.test_acc == full.test_acc
     assert_same_checkpoint_state(full_dir / "last.npz", run / "last.npz")
@@ -490,19 +487,19 @@ def test_ctrl_c_during_evaluation_stops_and_resumes_exactly(tmp_path, monkeypatc
 
 def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, monkeypatch):
     _interrupt_when(monkeypatch, 1)  # the first press, after step 1
-    original = train.save_checkpoint
+    original = training.save_checkpoint
     lines = []
 
     def save_checkpoint(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # the second press, as the save starts
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(training.loop, "save_checkpoint", save_checkpoint)
     run = tmp_path / "run"
-    with pytest.raises(train.TrainingInterrupted):  # not KeyboardInterrupt: the save finished
-        train.fit(tiny(epochs=1), run_dir=run, log=lines.append, progress=False)
+    with pytest.raises(training.TrainingInterrupted):  # not KeyboardInterrupt: the save finished
+        training.fit(tiny(epochs=1), run_dir=run, log=lines.append, progress=False)
     assert any("a checkpoint is being written; stopping as soon as it is complete" in line for line in lines)
-    meta = train.load_checkpoint(run / "last.npz")[2]
+    meta = training.load_checkpoint(run / "last.npz")[2]
     assert (meta["epoch"], meta["step"]) == (0, 1)
 
 
@@ -519,7 +516,7 @@ def test_run_files_share_one_mode_and_the_folder_is_synced(tmp_path, monkeypatch
         return original(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    train.save_checkpoint(tmp_path / "c.npz", models.resnet_cifar(depth=8, in_channels=1))
+    training.save_checkpoint(tmp_path / "c.npz", models.resnet_cifar(depth=8, in_channels=1))
     assert synced == ["file", "folder"]  # the data, then the rename
 
 
@@ -531,6 +528,32 @@ def test_resuming_a_finished_run_keeps_its_wall_time(tmp_path, reference):
     run = tmp_path / "run"
     shutil.copytree(reference[1], run)
     before = json.loads((run / "summary.json").read_text())["wall_time_s"]
-    train.resume(run, log=lambda line: None, progress=False)
+    training.resume(run, log=lambda line: None, progress=False)
     after = json.loads((run / "summary.json").read_text())["wall_time_s"]
     assert after == before  # the time the run took, not the seconds of the evaluation done again
+
+
+def test_fit_and_resume_give_back_the_callers_tier_and_backend(tmp_path, monkeypatch):
+    """A run sets the tier (and backend) it trains on; the caller's come back when it ends, however
+    it ends, so a notebook that trained one run on the reference tier is not left on it."""
+    from minisd import kernels
+
+    monkeypatch.setitem(kernels._state, "active", "fast")
+    seen = []
+    original = training.loop.train_step
+
+    def spy(model, x, labels):
+        seen.append(kernels.active())
+        return original(model, x, labels)
+
+    monkeypatch.setattr(training.loop, "train_step", spy)
+    run = tmp_path / "run"
+    quiet_fit(tiny(epochs=1, kernels="reference"), run)
+    assert set(seen) == {"reference"} and kernels.active() == "fast" and backend.name() == "numpy"
+    with pytest.raises(training.SettingsError):
+        training.resume(run, log=lambda line: None, progress=False, kernels_name="quick")
+    assert kernels.active() == "fast"
+    _interrupt_when(monkeypatch, 1)
+    with pytest.raises(training.TrainingInterrupted):
+        quiet_fit(tiny(epochs=1, kernels="reference"), tmp_path / "cut")
+    assert kernels.active() == "fast"

@@ -55,7 +55,7 @@ def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool
     """The paper's Figure 8: mean |gradient| at the first convolution over training.
 
     runs: label -> the runs of one configuration, one per seed (run folders, or their record
-    lists); the records need ``first_conv_grad`` (written by ``minisd.train``). Left: the
+    lists); the records need ``first_conv_grad`` (written by ``minisd.training``). Left: the
     epoch's mean absolute gradient of the stem convolution's weight, mean over seeds with the
     spread as a band. Right: each configuration's mean divided by the reference's (default: the
     first label), so "larger with stochastic depth" reads as a line above 1.

@@ -5,7 +5,7 @@
     minisd train --resume runs/NAME       continue a stopped run exactly where it stopped
     minisd evaluate runs/NAME/best.npz    accuracy of a checkpoint on the test split
     minisd gradcheck                      finite-difference check of a small network with dropped blocks
-    minisd bench ...                      timings (see minisd/bench.py)
+    minisd bench [TABLE ...]              timings: steps, blocks, layers, phases, memory, gpu (minisd/bench/)
 
 Errors the user can fix (missing data, a corrupted file, a bad option or environment variable,
 no GPU, a run folder in use) print one line to stderr and exit with status 1 (2 for a bad command
@@ -222,19 +222,16 @@ def _check_bench_arguments(bench, argv) -> None:
 
 
 def _cmd_bench(argv) -> int:
-    import importlib  # noqa: PLC0415
+    from minisd import bench  # noqa: PLC0415
 
-    try:
-        bench = importlib.import_module("minisd.bench")  # written separately; may be absent
-    except ModuleNotFoundError as exc:
-        if exc.name == "minisd.bench":
-            return _error("the benchmarks (minisd/bench.py) are not part of this installation")
-        raise
     _check_bench_arguments(bench, argv)
     problem = _environment_problem(None)
     if problem:
         return _error(problem)
-    return int(bench.main(argv) or 0)
+    try:
+        return int(bench.main(argv) or 0)
+    except backend.BackendUnavailable as exc:  # the gpu table on a machine without CuPy or a GPU
+        return _error(exc)
 
 
 def _environment_problem(backend_option, kernels_option=None) -> str | None:

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 7): the whole test suite on CuPy, then the GPU step benchmark.
+# One-shot GPU check: the whole test suite on CuPy, then the GPU table of `minisd bench`.
 #
 #   bash scripts/gpu_check.sh            # logs in $OUT if set, else in a new temporary folder
 #
-# Sized for a 15-minute device budget that also pays for starting the machine and the transfers:
-# install <= 2 min, tests <= 5.5 min, benchmark <= 3 min, so about 10 minutes at worst (each step
-# is cut off by `timeout`, and what it printed so far stays in its log).
+# Each step is cut off by `timeout` (install 2 min, tests 5.5 min, benchmark 3 min: about 10
+# minutes at worst), and what it printed so far stays in its log.
 #
 # Offline GPU machines: the project's device machines cannot reach a package index but already
 # have CuPy (cupy-cuda13x), PyTorch, pytest and the runtime dependencies. So extras are installed
 # only for what is missing: if CuPy already imports, the gpu extra (cupy-cuda12x) is NOT installed
 # beside it (two CuPy packages in one environment break each other).
 #
-# Logs ($OUT): env.log (GPU and versions), install.log, pytest_cupy.log, gpu_step.log, summary.txt.
+# Logs ($OUT): env.log (GPU and versions), install.log, pytest_cupy.log, bench_gpu.log, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d -t minisd-gpu-check.XXXXXX)}"
@@ -68,11 +67,11 @@ status_tests=${PIPESTATUS[0]}
 stamp "pytest exit status $status_tests: $(grep -E '(passed|failed|error)' "$OUT/pytest_cupy.log" | tail -n 1)"
 
 # ---- the benchmark -------------------------------------------------------------------------------
-stamp "benchmarks/gpu_step.py"
-timeout 180 "$PY" benchmarks/gpu_step.py 2>&1 | tee "$OUT/gpu_step.log"
+stamp "minisd bench gpu"
+timeout 180 "$PY" -m minisd.cli bench gpu 2>&1 | tee "$OUT/bench_gpu.log"
 status_bench=${PIPESTATUS[0]}
-stamp "gpu_step exit status $status_bench"
-cat "$OUT/gpu_step.log" >>"$OUT/summary.txt"
+stamp "minisd bench gpu exit status $status_bench"
+cat "$OUT/bench_gpu.log" >>"$OUT/summary.txt"
 
 stamp "done"
 [ "$status_tests" -eq 0 ] && [ "$status_bench" -eq 0 ]

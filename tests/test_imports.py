@@ -37,8 +37,10 @@ NUMPY_ALLOWED = {
     "exercises.py": "checks students' answers on small host float64 problems against the reference and finite "
                     "differences",
     "cli.py": "prints and saves host-side results",
-    "bench.py": "benchmarks the NumPy (CPU) path against PyTorch CPU: host arrays, host random data, "
-                "BLAS thread limits",
+    "bench/timing.py": "benchmarks time the NumPy (CPU) path against PyTorch CPU: host random images, "
+                       "made once for both",
+    "bench/parts.py": "times single CPU layers and blocks on host arrays laid out as the fast tier keeps them",
+    "bench/torch_resnet.py": "PyTorch's gates are drawn from a seeded host generator, as minisd's are",
 }
 ARRAY_TOP_LEVEL = {"numpy", "cupy", "cupyx"}
 

@@ -32,6 +32,8 @@ NUMPY_ALLOWED = {
     "models.py": "seeded host generators for initial weights and the gate stream; host means of gates",
     "data.py": "datasets are loaded, decoded and shuffled on the host before backend.to_device",
     "training/": "metrics from to_numpy values and .npz checkpoints are host-side",
+    "ensemble.py": "compares softmax outputs on the host in float64; gates of the sampled sub-networks come "
+                   "from a seeded host generator, as in training",
     "trace.py": "records to_numpy summaries of what each layer did, for teaching",
     "plots/": "matplotlib takes host arrays",
     "exercises.py": "checks students' answers on small host float64 problems against the reference and finite "

@@ -325,3 +325,29 @@ def test_no_figure_goes_through_pyplot():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_fit_line_recovers_a_line_and_says_how_well_it_fits():
+    x = np.arange(10.0)
+    fit = plots.fit_line(x, 0.5 + 0.25 * x)
+    assert fit["slope"] == pytest.approx(0.25) and fit["intercept"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
+    noisy = plots.fit_line(x, 0.25 * x + np.random.default_rng(0).normal(0, 1, 10))
+    assert 0 < noisy["r2"] < 1
+    with pytest.raises(ValueError, match="fit_line: expected two equal-length sequences"):
+        plots.fit_line([1, 1], [2, 3])
+
+
+def test_stem_gradient_vs_active_blocks_marks_both_ends_and_the_expected_depth(tmp_path):
+    rng = np.random.default_rng(0)
+    k = np.concatenate([[0, 12], rng.integers(1, 12, 20)])
+    g = 0.04 * k + rng.normal(0, 0.01, k.size)
+    fig = plots.stem_gradient_vs_active_blocks(k, g, 12, expected_active=9.0, save=tmp_path / "s.png")
+    (ax,) = fig.axes
+    assert labelled(ax) and "block" in ax.get_xlabel() and "norm" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(label.startswith("fit:") and "R^2" in label for label in labels)
+    assert any("shortcuts only" in label for label in labels) and any("constant depth" in label for label in labels)
+    diamond = next(line for line in ax.get_lines() if line.get_marker() == "D")
+    fit = plots.fit_line(k, g)
+    assert diamond.get_ydata()[0] == pytest.approx(fit["intercept"] + 9.0 * fit["slope"])
+    assert_png(tmp_path / "s.png")

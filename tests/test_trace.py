@@ -164,7 +164,7 @@ def test_evaluation_mode_has_no_gate_and_runs_every_branch(rng):
 
 def test_table_list_and_records(rng):
     model, t = traced_step_all_blocks(rng)
-    text = t.table()
+    text = t.table(which="all")
     for name, _ in model.named_modules():
         assert (name or "(ResNetCifar)") in text
     assert "forward" in text and "backward" in text
@@ -293,3 +293,30 @@ def test_the_trace_records_which_kernel_tier_ran():
         model.backward(logits * 0 + 1)
     assert t.kernels == "mixed"
     assert {e.kernels for e in t.forward()} == {"reference"} and {e.kernels for e in t.backward()} == {"fast"}
+
+
+def test_one_numbering_table_step_is_stepper_step_and_blocks_are_1_to_L(rng):
+    """t.table()'s first column is the step number the stepper gives the same event (filters hide
+    rows, never renumber them), and its column l numbers the residual blocks 1..L as the paper does."""
+    from minisd.stepper import Stepper
+
+    model, t = traced_step_all_blocks(rng)
+    L = len(model.blocks)
+    for which in ("layers", "all"):
+        s = Stepper(t, which=which, draw=False)
+        rows = t.table(which=which).splitlines()[3:]
+        assert len(rows) == len(s)
+        for n in (1, len(s) // 2, len(s)):
+            assert rows[n - 1].split()[0] == str(n)
+            assert s.heading(n).startswith(f"step {n} of {len(s)}")
+            assert s.walk[n - 1].name in rows[n - 1]
+    s = Stepper(t, draw=False)
+    for line in t.table(phase="backward", which="blocks").splitlines()[3:]:
+        number, phase, l, name = line.split()[:4]
+        event = s.walk[int(number) - 1]
+        assert (event.phase, event.name, event.block) == (phase, name, int(l))
+    blocks = t.block_events("forward")
+    assert [e.block for e in blocks] == list(range(1, L + 1))
+    inside = t.find(t.block_names[-1] + ".branch.0")
+    assert inside.block == L and f"block l = {L}: " in inside.describe()
+    assert t.find("conv1").block is None and "block l" not in t.find("conv1").describe()

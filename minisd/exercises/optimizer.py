@@ -107,11 +107,9 @@ def check_sgd_step(sgd_step) -> Report:
                 hints = [(numpy.concatenate([(planted[m][0][n] - before[n]).ravel() for n in student])
                           if not all(numpy.allclose(planted[m][0][n], p) for n, p in reference.named_parameters())
                           else None, MISTAKES[m]) for m in MISTAKES]
+                # Each planted run keeps its mistake from the first step on, as a student's function would.
                 if not compare(report, "update", mine, correct, hints, label=f"step {step + 1}: every parameter's change"):
                     break
-                for n in planted:  # the planted runs continue from the correct state (one mistake per step)
-                    planted[n] = ({m: p.copy() for m, p in reference.named_parameters()},
-                                  {m: b.copy() for m, b in sgd.buffers.items()})
     except StudentError as problem:
         report.stop(str(problem))
     return report

@@ -36,7 +36,7 @@ def gradient_log_runs(folder=None) -> dict:
     for name, schedule in (("stochastic", "linear"), ("constant", "none")):
         run_dir = os.path.join(folder, name)
         if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            fit(Settings(schedule=schedule, **RUN_SETTINGS), run_dir=run_dir, log=lambda line: None)
+            fit(Settings(schedule=schedule, **RUN_SETTINGS), run_dir=run_dir, log=lambda line: None, progress=False)
         paths[name] = os.path.join(run_dir, "metrics.jsonl")
     _runs.update(paths)
     return paths

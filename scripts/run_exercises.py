@@ -118,6 +118,32 @@ def execute(path: str, solved: bool = False, timeout: int = 300, state: str | No
     return nb
 
 
+def execute_together(paths, state: str, timeout: int = 600) -> dict:
+    """Run several exercise notebooks one after another in ONE fresh kernel (each notebook's cells
+    define their functions before their checks use them, so a later notebook never sees an earlier
+    one's answers); returns {path: that notebook with its outputs}. One kernel start instead of one
+    per notebook: what keeps the tests' three runs of every notebook quick."""
+    import nbformat  # noqa: PLC0415
+    from nbclient import NotebookClient  # noqa: PLC0415
+
+    parts = {path: fill_in(read(path), path, state) if state != "unsolved" else read(path) for path in paths}
+    combined = nbformat.v4.new_notebook(cells=[cell for nb in parts.values() for cell in nb.cells])
+    combined.metadata = next(iter(parts.values())).metadata
+    env_backend = os.environ.pop("MPLBACKEND", None)
+    try:
+        NotebookClient(combined, timeout=timeout, kernel_name="python3", allow_errors=True, record_timing=False,
+                       resources={"metadata": {"path": EXERCISES}}).execute()
+    finally:
+        if env_backend is not None:
+            os.environ["MPLBACKEND"] = env_backend
+    executed, start = {}, 0
+    for path, nb in parts.items():
+        nb.cells = combined.cells[start:start + len(nb.cells)]
+        start += len(nb.cells)
+        executed[path] = nb
+    return executed
+
+
 def check_cells(nb) -> list[tuple[list[str], str]]:
     """(names of the functions a ``check`` cell passes to its checker, the text it showed)."""
     found = []

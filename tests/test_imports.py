@@ -34,8 +34,10 @@ NUMPY_ALLOWED = {
     "train.py": "metrics from to_numpy values and .npz checkpoints are host-side",
     "trace.py": "records to_numpy summaries of what each layer did, for teaching",
     "plots.py": "matplotlib takes host arrays",
-    "exercises.py": "checks students' answers on small host float64 problems against the reference and finite "
-                    "differences",
+    **{f"exercises/{name}.py": "checks students' answers on small host float64 problems against the reference "
+                               "and finite differences"
+       for name in ("_report", "_grading", "convolution", "batch_norm", "gradient_checker", "block", "schedule",
+                    "test_time", "optimizer")},
     "cli.py": "prints and saves host-side results",
     "bench.py": "benchmarks the NumPy (CPU) path against PyTorch CPU: host arrays, host random data, "
                 "BLAS thread limits",

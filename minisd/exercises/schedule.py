@@ -16,12 +16,14 @@ SCHEDULE_SETTINGS = [(3, 0.5), (27, 0.5), (54, 0.2), (1, 0.8)]
 def _schedule_functions():
     functions = {"linear_decay": [residual.linear_decay], "make_schedule": [residual.make_schedule],
                  "expected_active_blocks": [residual.expected_active_blocks]}
-    try:  # fit_step_time lives with the figures; a student may have imported it
-        from minisd.plots import fit_step_time  # noqa: PLC0415
-
-        functions["fit_step_time"] = [fit_step_time]
-    except ImportError:  # pragma: no cover - plots being moved
-        pass
+    # The straight-line fits live with the figures (fit_line only in newer versions): whichever exists.
+    try:
+        from minisd import plots  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        plots = None
+    for name in ("fit_step_time", "fit_line"):
+        if hasattr(plots, name):
+            functions[name] = [getattr(plots, name)]
     return functions, [(models.ResNetCifar, "expected_active_blocks", "ResNetCifar.expected_active_blocks")]
 
 

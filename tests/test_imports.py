@@ -36,8 +36,8 @@ NUMPY_ALLOWED = {
                    "from a seeded host generator, as in training",
     "trace.py": "records to_numpy summaries of what each layer did, for teaching",
     "plots/": "matplotlib takes host arrays",
-    "exercises.py": "checks students' answers on small host float64 problems against the reference and finite "
-                    "differences",
+    "exercises/": "checks students' answers on small host float64 problems against the reference and finite "
+                  "differences",
     "cli.py": "prints and saves host-side results",
     "bench/timing.py": "benchmarks time the NumPy (CPU) path against PyTorch CPU: host random images, "
                        "made once for both",

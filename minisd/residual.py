@@ -158,16 +158,7 @@ class BasicBlock(Module):
     def __init__(self, in_channels, out_channels, stride=1, survival_prob=1.0, mode="batch", scale="eval",
                  shortcut="zero_pad", dtype=None, rng=None, gate_rng=None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"BasicBlock: unknown mode {mode!r}; expected one of {MODES}")
-        if scale not in SCALES:
-            raise ValueError(f"BasicBlock: unknown scale rule {scale!r}; expected one of {SCALES}")
-        if shortcut not in ("zero_pad", "projection"):
-            raise ValueError(f"BasicBlock: unknown shortcut {shortcut!r}; expected 'zero_pad' or 'projection'")
-        self.survival_prob = _check_probability(survival_prob, "BasicBlock")
-        if self.survival_prob == 0.0 and scale == "train":
-            raise ValueError("BasicBlock: survival_prob=0 with scale='train' would divide by zero; "
-                             "use scale='eval' or a positive survival probability")
+        self.survival_prob = self.check_settings(survival_prob, mode, scale, shortcut)
         self.in_channels, self.out_channels, self.stride = int(in_channels), int(out_channels), int(stride)
         self.mode, self.scale = mode, scale
         self.gate_rng = gate_rng if gate_rng is not None else backend.host_rng()
@@ -192,6 +183,21 @@ class BasicBlock(Module):
                 Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, dtype=dtype, rng=rng),
                 BatchNorm2d(out_channels, dtype=dtype),
             )
+
+    @staticmethod
+    def check_settings(survival_prob, mode, scale, shortcut) -> float:
+        """One-line ValueError for a bad setting (the PyTorch twin checks with this too); returns p."""
+        if mode not in MODES:
+            raise ValueError(f"BasicBlock: unknown mode {mode!r}; expected one of {MODES}")
+        if scale not in SCALES:
+            raise ValueError(f"BasicBlock: unknown scale rule {scale!r}; expected one of {SCALES}")
+        if shortcut not in ("zero_pad", "projection"):
+            raise ValueError(f"BasicBlock: unknown shortcut {shortcut!r}; expected 'zero_pad' or 'projection'")
+        p = _check_probability(survival_prob, "BasicBlock")
+        if p == 0.0 and scale == "train":
+            raise ValueError("BasicBlock: survival_prob=0 with scale='train' would divide by zero; "
+                             "use scale='eval' or a positive survival probability")
+        return p
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "

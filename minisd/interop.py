@@ -288,8 +288,10 @@ def _copy_gate_settings(source, target, gate_rng) -> None:
     target.gate_rng = gate_rng
 
 
-def _shortcut_kind(block) -> str:
-    return "projection" if isinstance(block.shortcut, (layers.Sequential, nn.Sequential)) else "zero_pad"
+def _shortcut_kind(*blocks) -> str:
+    """"projection" if a transition block has the 1x1-conv shortcut, else "zero_pad"."""
+    projection = any(isinstance(block.shortcut, (layers.Sequential, nn.Sequential)) for block in blocks)
+    return "projection" if projection else "zero_pad"
 
 
 def _twin_of(module: layers.Module, dtype, path: str) -> nn.Module:
@@ -298,7 +300,7 @@ def _twin_of(module: layers.Module, dtype, path: str) -> nn.Module:
     if isinstance(module, models.ResNetCifar):
         first = module.blocks[0]
         twin = ResNetCifar(module.depth, module.num_classes, module.in_channels, module.schedule,
-                           module.final_survival, first.mode, first.scale, _shortcut_kind(first), **factory)
+                           module.final_survival, first.mode, first.scale, _shortcut_kind(*module.blocks), **factory)
         twin.gate_rng = _copy_generator(module.gate_rng)
         for source, target in zip(module.blocks, twin.blocks):
             _copy_gate_settings(source, target, twin.gate_rng)
@@ -350,7 +352,7 @@ def _minisd_of(module: nn.Module, dtype, path: str) -> layers.Module:
     if isinstance(module, ResNetCifar):
         first = module.blocks[0]
         model = models.resnet_cifar(module.depth, module.num_classes, module.in_channels, module.schedule,
-                                    module.final_survival, first.mode, first.scale, _shortcut_kind(first),
+                                    module.final_survival, first.mode, first.scale, _shortcut_kind(*module.blocks),
                                     module.seed, dtype)
         model.gate_rng = _copy_generator(module.gate_rng)
         for source, target in zip(module.blocks, model.blocks):

@@ -159,6 +159,7 @@ class BasicBlock(nn.Module):
     forced_gate = residual.BasicBlock.forced_gate
     _draw_gate = residual.BasicBlock._draw_gate
     _branch_multiplier = residual.BasicBlock._branch_multiplier
+    _decide = residual.BasicBlock._decide
 
     def describe(self):
         return f"interop.BasicBlock({self.extra_repr()})"
@@ -172,23 +173,12 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         s = self.shortcut(x)
-        multiplier = self._branch_multiplier()
+        run_branch, multiplier = self._decide(x.shape[0], not isinstance(self.shortcut, nn.Sequential))
         row_scale = None
-        if self.training:
-            self.gate = self._draw_gate(x.shape[0])
-            if self.mode == "batch":
-                run_branch = self.gate
-            else:
-                run_branch = bool(self.gate.any())
-                # the mask is decided on the host; one copy of N numbers to the device
-                host_scale = self.gate.astype(numpy.float64) * multiplier
-                row_scale = torch.as_tensor(host_scale, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-        else:
-            self.gate = None
-            run_branch = multiplier != 0.0
-        self.branch_skipped = not run_branch
-        self.output_relu_skipped = (not run_branch and self.input_is_relu_output
-                                    and not isinstance(self.shortcut, nn.Sequential))
+        if self.training and self.mode == "row":
+            # the mask is decided on the host; one copy of N numbers to the device
+            host_scale = self.gate.astype(numpy.float64) * multiplier
+            row_scale = torch.as_tensor(host_scale, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
         if self.output_relu_skipped:
             return s  # x >= 0, so ReLU(shortcut(x)) = shortcut(x): minisd returns s too
         if not run_branch:

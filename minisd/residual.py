@@ -253,27 +253,32 @@ class BasicBlock(Module):
 
     # ---- forward / backward -------------------------------------------------------------------
 
-    def forward(self, x):
-        self._check_input(x, 4, self.in_channels)
-        xp = backend.array_module(x)
-        s = self.shortcut(x)
+    def _decide(self, batch_size: int, parameter_free_shortcut: bool) -> tuple[bool, float]:
+        """The host-side decisions of one forward (the PyTorch twin makes them with this too):
+        draws the gate in training, sets ``gate``, ``branch_skipped`` and ``output_relu_skipped``,
+        and returns (run_branch, the multiplier of a kept branch)."""
         multiplier = self._branch_multiplier()
-        row_scale = None
         if self.training:
-            self.gate = self._draw_gate(x.shape[0])
-            if self.mode == "batch":
-                run_branch = self.gate
-            else:
-                run_branch = bool(self.gate.any())  # every sample dropped: skip the branch too
-                # One host-to-device copy of N numbers; the mask itself was decided on the host.
-                row_scale = xp.asarray(self.gate.astype(x.dtype) * x.dtype.type(multiplier))
-                row_scale = row_scale.reshape(-1, 1, 1, 1)
+            self.gate = self._draw_gate(batch_size)
+            # row mode: every sample dropped skips the branch too
+            run_branch = self.gate if self.mode == "batch" else bool(self.gate.any())
         else:
             self.gate = None
             run_branch = multiplier != 0.0  # p = 0 at test time with the paper's rule: f * 0
         self.branch_skipped = not run_branch
-        self.output_relu_skipped = (not run_branch and self.input_is_relu_output
-                                    and not isinstance(self.shortcut, Sequential))
+        self.output_relu_skipped = not run_branch and self.input_is_relu_output and parameter_free_shortcut
+        return run_branch, multiplier
+
+    def forward(self, x):
+        self._check_input(x, 4, self.in_channels)
+        xp = backend.array_module(x)
+        s = self.shortcut(x)
+        run_branch, multiplier = self._decide(x.shape[0], not isinstance(self.shortcut, Sequential))
+        row_scale = None
+        if self.training and self.mode == "row":
+            # One host-to-device copy of N numbers; the mask itself was decided on the host.
+            row_scale = xp.asarray(self.gate.astype(x.dtype) * x.dtype.type(multiplier))
+            row_scale = row_scale.reshape(-1, 1, 1, 1)
         if self.output_relu_skipped:
             # The dropped block of a network, for almost nothing. Its input x is a ReLU output,
             # so x >= 0, and the parameter-free shortcut (identity, or subsample and zero-pad)

@@ -158,16 +158,7 @@ class BasicBlock(Module):
     def __init__(self, in_channels, out_channels, stride=1, survival_prob=1.0, mode="batch", scale="eval",
                  shortcut="zero_pad", dtype=None, rng=None, gate_rng=None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"BasicBlock: unknown mode {mode!r}; expected one of {MODES}")
-        if scale not in SCALES:
-            raise ValueError(f"BasicBlock: unknown scale rule {scale!r}; expected one of {SCALES}")
-        if shortcut not in ("zero_pad", "projection"):
-            raise ValueError(f"BasicBlock: unknown shortcut {shortcut!r}; expected 'zero_pad' or 'projection'")
-        self.survival_prob = _check_probability(survival_prob, "BasicBlock")
-        if self.survival_prob == 0.0 and scale == "train":
-            raise ValueError("BasicBlock: survival_prob=0 with scale='train' would divide by zero; "
-                             "use scale='eval' or a positive survival probability")
+        self.survival_prob = self.check_settings(survival_prob, mode, scale, shortcut)
         self.in_channels, self.out_channels, self.stride = int(in_channels), int(out_channels), int(stride)
         self.mode, self.scale = mode, scale
         self.gate_rng = gate_rng if gate_rng is not None else backend.host_rng()
@@ -192,6 +183,21 @@ class BasicBlock(Module):
                 Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, dtype=dtype, rng=rng),
                 BatchNorm2d(out_channels, dtype=dtype),
             )
+
+    @staticmethod
+    def check_settings(survival_prob, mode, scale, shortcut) -> float:
+        """One-line ValueError for a bad setting (the PyTorch twin checks with this too); returns p."""
+        if mode not in MODES:
+            raise ValueError(f"BasicBlock: unknown mode {mode!r}; expected one of {MODES}")
+        if scale not in SCALES:
+            raise ValueError(f"BasicBlock: unknown scale rule {scale!r}; expected one of {SCALES}")
+        if shortcut not in ("zero_pad", "projection"):
+            raise ValueError(f"BasicBlock: unknown shortcut {shortcut!r}; expected 'zero_pad' or 'projection'")
+        p = _check_probability(survival_prob, "BasicBlock")
+        if p == 0.0 and scale == "train":
+            raise ValueError("BasicBlock: survival_prob=0 with scale='train' would divide by zero; "
+                             "use scale='eval' or a positive survival probability")
+        return p
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
@@ -247,27 +253,32 @@ class BasicBlock(Module):
 
     # ---- forward / backward -------------------------------------------------------------------
 
-    def forward(self, x):
-        self._check_input(x, 4, self.in_channels)
-        xp = backend.array_module(x)
-        s = self.shortcut(x)
+    def _decide(self, batch_size: int, parameter_free_shortcut: bool) -> tuple[bool, float]:
+        """The host-side decisions of one forward (the PyTorch twin makes them with this too):
+        draws the gate in training, sets ``gate``, ``branch_skipped`` and ``output_relu_skipped``,
+        and returns (run_branch, the multiplier of a kept branch)."""
         multiplier = self._branch_multiplier()
-        row_scale = None
         if self.training:
-            self.gate = self._draw_gate(x.shape[0])
-            if self.mode == "batch":
-                run_branch = self.gate
-            else:
-                run_branch = bool(self.gate.any())  # every sample dropped: skip the branch too
-                # One host-to-device copy of N numbers; the mask itself was decided on the host.
-                row_scale = xp.asarray(self.gate.astype(x.dtype) * x.dtype.type(multiplier))
-                row_scale = row_scale.reshape(-1, 1, 1, 1)
+            self.gate = self._draw_gate(batch_size)
+            # row mode: every sample dropped skips the branch too
+            run_branch = self.gate if self.mode == "batch" else bool(self.gate.any())
         else:
             self.gate = None
             run_branch = multiplier != 0.0  # p = 0 at test time with the paper's rule: f * 0
         self.branch_skipped = not run_branch
-        self.output_relu_skipped = (not run_branch and self.input_is_relu_output
-                                    and not isinstance(self.shortcut, Sequential))
+        self.output_relu_skipped = not run_branch and self.input_is_relu_output and parameter_free_shortcut
+        return run_branch, multiplier
+
+    def forward(self, x):
+        self._check_input(x, 4, self.in_channels)
+        xp = backend.array_module(x)
+        s = self.shortcut(x)
+        run_branch, multiplier = self._decide(x.shape[0], not isinstance(self.shortcut, Sequential))
+        row_scale = None
+        if self.training and self.mode == "row":
+            # One host-to-device copy of N numbers; the mask itself was decided on the host.
+            row_scale = xp.asarray(self.gate.astype(x.dtype) * x.dtype.type(multiplier))
+            row_scale = row_scale.reshape(-1, 1, 1, 1)
         if self.output_relu_skipped:
             # The dropped block of a network, for almost nothing. Its input x is a ReLU output,
             # so x >= 0, and the parameter-free shortcut (identity, or subsample and zero-pad)

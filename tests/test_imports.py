@@ -14,7 +14,10 @@ with a literal name. Its own tests plant bad source and require it to complain.
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -43,6 +46,8 @@ NUMPY_ALLOWED = {
                        "made once for both",
     "bench/parts.py": "times single CPU layers and blocks on host arrays laid out as the fast tier keeps them",
     "bench/torch_resnet.py": "PyTorch's gates are drawn from a seeded host generator, as minisd's are",
+    "interop.py": "tensors cross to PyTorch as host NumPy arrays; the twin draws its gates from a NumPy "
+                  "generator, as residual.py does",
 }
 ARRAY_TOP_LEVEL = {"numpy", "cupy", "cupyx"}
 
@@ -163,3 +168,38 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {str(p.parent.relative_to(root)).replace("/", ".") for p in PACKAGE.rglob("__init__.py")}
     assert found == listed
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch stays optional
+# ------------------------------------------------------------------------------------------------
+
+# Imports every module of the package but the PyTorch bridge, then names the torch modules loaded.
+_IMPORT_ALL = """
+import importlib, pkgutil, sys
+import minisd
+names = [m.name for m in pkgutil.walk_packages(minisd.__path__, "minisd.") if m.name != "minisd.interop"]
+for name in names:
+    importlib.import_module(name)
+assert len(names) >= 15, names
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_importing_minisd_never_imports_torch():
+    """PyTorch is an optional extra (minisd.interop needs it): no other module may load it, even
+    where it is installed, so `import minisd` stays fast and works without it."""
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+    done = subprocess.run([sys.executable, "-c", _IMPORT_ALL], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"modules of minisd imported PyTorch: {done.stdout.strip()}"
+
+
+def test_the_torch_import_check_sees_torch_when_a_module_imports_it():
+    """The check above can fail: with the bridge imported too, torch shows up."""
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+    code = _IMPORT_ALL.replace('if m.name != "minisd.interop"', "")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "'torch'" in done.stdout

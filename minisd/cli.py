@@ -84,7 +84,7 @@ def _add_train(sub):
                        description="Train a stochastic-depth ResNet (Huang et al. 2016) and report the test "
                                    "accuracy of the checkpoint with the best validation accuracy.")
     p.add_argument("dataset", nargs="?", choices=("digits", "cifar10"), default=None,
-                   help=f"digits (embedded in scikit-learn, default) or cifar10 (needs --data-dir)")
+                   help=f"digits (packaged with minisd, default) or cifar10 (needs --data-dir)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ (nothing is downloaded)")
     p.add_argument("--depth", type=_depth, help=f"ResNet depth 6n+2 (default {d.depth}; the paper: 110)")
     p.add_argument("--schedule", choices=("linear", "uniform", "none"),

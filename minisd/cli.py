@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 
-from minisd import backend, kernels, models
+from minisd import __version__, backend, kernels, models
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -123,6 +123,7 @@ def _add_train(sub):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minisd", description="Stochastic-depth ResNets with hand-written backprop.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,gradcheck,bench}")
     _add_train(sub)
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint", description="Evaluate a checkpoint on a split "

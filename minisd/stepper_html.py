@@ -121,10 +121,11 @@ def write_page(page: str, path) -> str:
 
 def iframe(page: str, height: int = 760) -> str:
     """``page`` inside an ``<iframe srcdoc=...>``, for ``IPython.display.HTML``: its scripts run in
-    the frame wherever a notebook's HTML outputs are shown, apart from the notebook's own page."""
-    return (f'<iframe class="minisd-stepper-page" srcdoc="{html.escape(page, quote=True)}" '
+    the frame wherever a notebook's HTML outputs are shown, apart from the notebook's own page.
+    (Wrapped in a div: IPython warns about HTML that starts with an iframe.)"""
+    return (f'<div class="minisd-stepper-static"><iframe srcdoc="{html.escape(page, quote=True)}" '
             f'style="width: 100%; height: {int(height)}px; border: 1px solid #ddd;" '
-            f'title="minisd stepper (static)"></iframe>')
+            f'title="minisd stepper (static)"></iframe></div>')
 
 
 def _frame_pixels(dpi: int) -> tuple[int, int]:

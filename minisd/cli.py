@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 
-from minisd import backend, kernels, models
+from minisd import __version__, backend, kernels, models
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -84,7 +84,7 @@ def _add_train(sub):
                        description="Train a stochastic-depth ResNet (Huang et al. 2016) and report the test "
                                    "accuracy of the checkpoint with the best validation accuracy.")
     p.add_argument("dataset", nargs="?", choices=("digits", "cifar10"), default=None,
-                   help=f"digits (embedded in scikit-learn, default) or cifar10 (needs --data-dir)")
+                   help=f"digits (packaged with minisd, default) or cifar10 (needs --data-dir)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ (nothing is downloaded)")
     p.add_argument("--depth", type=_depth, help=f"ResNet depth 6n+2 (default {d.depth}; the paper: 110)")
     p.add_argument("--schedule", choices=("linear", "uniform", "none"),
@@ -123,6 +123,7 @@ def _add_train(sub):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minisd", description="Stochastic-depth ResNets with hand-written backprop.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,gradcheck,bench}")
     _add_train(sub)
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint", description="Evaluate a checkpoint on a split "

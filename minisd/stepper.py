@@ -11,6 +11,7 @@
     s.next_dropped()            # on to the next residual block whose branch was dropped
     s.view(phase="backward")    # visit backward events only ("forward", "both"); blocks_only=True
     s.widget()                  # in Jupyter: buttons, a slider, the phase filter, blocks only
+    s.to_html("step.html")      # the same controls in one static page (minisd.stepper_html)
 
 One numbering scheme: the walk (by default the layers that compute and the residual blocks, in the
 order they ran: forward, then backward) is numbered 1..M once, as ``t.table()`` numbers its rows.
@@ -321,6 +322,15 @@ class Stepper:
         where = f"step {self.number} of {len(self.walk)}" if self.position >= 0 else f"{len(self.walk)} steps, not started"
         view = ("both phases" if self.phase == "both" else f"{self.phase} only") + (", blocks only" if self.blocks_only else "")
         return f"<Stepper: {where}; view: {view}; step(), back(), go(n), next_dropped(), view(...), widget()>"
+
+    def to_html(self, path=None, max_frames: int | None = 80, dpi: int = 60, colors: int = 128,
+                title: str | None = None):
+        """The walk as one self-contained HTML page: no kernel, no network (see :mod:`minisd.stepper_html`
+        for what is pre-rendered). Returns the page as a string, or writes it to ``path`` and returns the path."""
+        from minisd import stepper_html  # noqa: PLC0415
+
+        page = stepper_html.build_page(self, max_frames=max_frames, dpi=dpi, colors=colors, title=title)
+        return page if path is None else stepper_html.write_page(page, path)
 
     # ---- the widget --------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ def test_page_holds_every_step_and_its_picture(t, tmp_path):
         from PIL import Image
 
         picture = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-        assert picture.size == (round(plots.FRAME_SIZE[0] * 60), round(plots.FRAME_SIZE[1] * 60))
+        assert picture.size == (round(plots.trace_drawings.FRAME_SIZE[0] * 60), round(plots.trace_drawings.FRAME_SIZE[1] * 60))
         # the same drawing as the stepper's own frame, at the page's size and palette
         reference = Image.open(io.BytesIO(plots.figure_png(s.figure(number), dpi=60)))
         difference = np.abs(np.asarray(picture.convert("RGB"), float) - np.asarray(reference.convert("RGB"), float))

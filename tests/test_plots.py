@@ -139,6 +139,7 @@ def test_training_curves(tmp_path):
     assert len(seconds.patches) == 8  # 2 runs x 4 epochs
     assert all(labelled(ax) for ax in fig.axes)
     assert any("75% of branches ran" in t.get_text() for t in seconds.get_legend().get_texts())
+    assert loss.get_yscale() == "log" and "log" in loss.get_ylabel()
     assert_png(tmp_path / "c.png")
     # A list of run folders is labelled by folder name.
     fig = plots.training_curves([tmp_path / "constant", tmp_path / "stochastic"])

@@ -305,8 +305,8 @@ def training_curves(runs, save=None):
     """Loss, accuracy and time per epoch of several runs, side by side.
 
     runs: label -> run directory (or its metrics.jsonl, or the list of its epoch records); a list of
-    paths uses the directory names as labels. Training values are solid lines,
-    validation values dashed.
+    paths uses the directory names as labels. Training values are solid lines, validation values
+    dashed; the loss on a logarithmic axis.
     """
     if not isinstance(runs, dict):
         runs = {os.path.basename(os.path.normpath(os.fspath(r))): r for r in runs}
@@ -331,7 +331,8 @@ def training_curves(runs, save=None):
                         else "")
                 ax_time.bar(epochs + (k - (len(data) - 1) / 2) * bar_width, seconds, width=bar_width,
                             color=color, alpha=0.8, label=f"{label}: {mean:.2f} s/epoch{note}")
-        ax_loss.set_ylabel("cross-entropy loss")
+        ax_loss.set_ylabel("cross-entropy loss (log scale)")
+        ax_loss.set_yscale("log")  # a loss falls over decades; one early spike must not flatten the rest
         ax_loss.set_title("Loss")
         ax_acc.set_ylabel("accuracy")
         ax_acc.set_title("Accuracy")

@@ -15,8 +15,8 @@ from collections import OrderedDict
 from typing import Iterator
 
 from minisd import backend
-from minisd import functional as F
 from minisd import kernels
+from minisd.functional import as_pair, conv_geometry
 
 __all__ = [
     "Module",
@@ -325,9 +325,9 @@ class Conv2d(Module):
         super().__init__()
         self.input_grad = bool(input_grad)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = F._pair(kernel_size)
-        self.stride = F._pair(stride)
-        self.padding = F._pair(padding)
+        self.kernel_size = as_pair(kernel_size)
+        self.stride = as_pair(stride)
+        self.padding = as_pair(padding)
         dtype = backend.resolve_dtype(dtype)
         rng = rng if rng is not None else backend.host_rng()
         kh, kw = self.kernel_size
@@ -346,8 +346,7 @@ class Conv2d(Module):
 
     def forward(self, x):
         self._check_input(x, 4, self.in_channels)
-        for axis, (k, s, p) in enumerate(zip(self.kernel_size, self.stride, self.padding)):
-            F.conv_output_size(x.shape[2 + axis], k, s, p, where=repr(self))
+        conv_geometry(x.shape, self.kernel_size, self.stride, self.padding, where=repr(self))  # checks the sizes
         y, cache = kernels.current().conv2d_forward(x, self.params["weight"], self.params.get("bias"),
                                                     self.stride, self.padding)
         return self._keep(cache, y)

@@ -114,12 +114,13 @@ def test_minisd_kernels_environment_variable_chooses_the_tier(value, expected):
 
 
 def test_reference_file_has_no_speed_machinery():
-    """functional.py is the textbook: it imports only the backend (no threads, no workspace), and
-    no name in it speaks of threads, scratch buffers or chunks."""
+    """functional.py is the textbook: it imports only the backend (and typing, for its cache
+    records; no threads, no workspace), and no name in it speaks of threads, scratch buffers or
+    chunks."""
     tree = ast.parse(open(functional.__file__).read())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert imported == {"__future__", "minisd.backend"}
+    assert imported == {"__future__", "typing", "minisd.backend"}
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     names |= {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     assert not [n for n in names if any(w in n.lower() for w in ("thread", "scratch", "chunk", "workspace"))]
@@ -298,6 +299,30 @@ def test_a_forward_on_one_tier_is_differentiated_on_the_other(rng, forward_tier,
     for what, a, b in zip(("dy", "dgamma", "dbeta", "dx", "dW"), mixed, same):
         if b is not None:
             assert_same(a, b, what, rel=1e-11)
+
+
+def test_both_tiers_hand_out_the_same_named_cache_records(rng):
+    """The caches are the records of minisd/kernels/functional.py on both tiers, field for field."""
+    x = dev(rng.standard_normal((2, 3, 6, 5)))
+    w = dev(rng.standard_normal((4, 3, 3, 3)))
+    gamma, beta = dev(rng.standard_normal(3)), dev(rng.standard_normal(3))
+    logits, labels = dev(rng.standard_normal((2, 5))), dev(np.array([1, 4]))
+    records = [
+        (functional.ConvCache, lambda m: m.conv2d_forward(x, w, None, 2, 1)),
+        (functional.BatchNormCache, lambda m: m.batch_norm_forward(x, gamma, beta)),
+        (functional.LinearCache, lambda m: m.linear_forward(x[:, :, 0, :].reshape(2, 15), w.reshape(4, 27)[:, :15])),
+        (functional.ShortcutCache, lambda m: m.shortcut_forward(x, 6, 2)),
+        (functional.SoftmaxCrossEntropyCache, lambda m: m.softmax_cross_entropy_forward(logits, labels)),
+    ]
+    for record, forward in records:
+        (_, cache_f), (_, cache_r) = forward(fast), forward(functional)
+        assert type(cache_f) is record and type(cache_r) is record, record.__name__
+        for field in record._fields:
+            a, b = getattr(cache_f, field), getattr(cache_r, field)
+            if hasattr(b, "shape") and b.shape:
+                assert_same(a, b, f"{record.__name__}.{field}")
+            else:
+                assert a == b, f"{record.__name__}.{field}: {a!r} vs {b!r}"
 
 
 @pytest.mark.parametrize("tier", ["reference", "fast"])

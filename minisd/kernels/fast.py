@@ -38,9 +38,11 @@ next convolution reads its input without a copy. :func:`channel_rows` is where t
 from __future__ import annotations
 
 from minisd.backend import array_module, is_device_array
-from minisd.functional import (  # the pairs that need no trick are the reference's own
-    _pair,
-    conv_output_size,
+from minisd.functional import (  # the caches, the geometry, and the pairs that need no trick
+    BatchNormCache,
+    ConvCache,
+    ShortcutCache,
+    conv_geometry,
     global_avg_pool_forward,
     linear_backward,
     linear_forward,
@@ -237,15 +239,6 @@ def _col2im_into(dx, cols6, kh, kw, sh, sw, ph, pw, overwrite):
     return dx
 
 
-def _conv_geometry(x_shape, kernel_size, stride, padding, where):
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    ho = conv_output_size(x_shape[2], kh, sh, ph, where)
-    wo = conv_output_size(x_shape[3], kw, sw, pw, where)
-    return kh, kw, sh, sw, ph, pw, ho, wo
-
-
 @_reference_on_a_gpu
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """2-D cross-correlation, as torch.nn.functional.conv2d.
@@ -261,7 +254,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     xp = array_module(x, weight)
     n, c, h, w = x.shape
     out_channels, _, kh, kw = weight.shape
-    _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
+    _, _, sh, sw, ph, pw, ho, wo = conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
     # (O, N, Ho, Wo): the product's natural layout, handed out as an NCHW view (module docstring).
     out = xp.empty((out_channels, n, ho, wo), dtype=x.dtype)
     threads = get_num_threads()  # host arrays only: device arrays run the reference (see above)
@@ -283,9 +276,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     map_chunks(lambda n0: chunk(n0, n0 + step), range(0, n, step), threads)
     if bias is not None:
         out += bias[:, None, None, None]
-    y = out.transpose(1, 0, 2, 3)
-    cache = (x, weight, bias is not None, stride, padding)
-    return y, cache
+    return out.transpose(1, 0, 2, 3), ConvCache(x, weight, bias is not None, stride, padding)
 
 
 def _same_conv_chunks(x, weight, out, ph, pw):
@@ -396,7 +387,7 @@ def conv2d_backward(dy, cache, input_grad=True):
     xp = array_module(dy, weight)
     n, c, h, w = x.shape
     out_channels, _, kh, kw = weight.shape
-    _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
+    _, _, sh, sw, ph, pw, ho, wo = conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
     # channel-major, like every activation here
     dx = xp.empty((c, n, h, w), dtype=x.dtype) if input_grad else None
     threads = get_num_threads()  # host arrays only: device arrays run the reference (see above)
@@ -578,11 +569,10 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, trai
         y_rows[c] += beta[c][:, None]
 
     map_channel_groups(channels, x)
-    y = _rows_to_shape(y_rows, x.shape)
-    # The reference's cache, to the letter: centered as an NCHW (view), so either tier's backward
+    # centered goes into the cache as an NCHW view, as the reference's, so either tier's backward
     # can take either tier's cache.
-    cache = (_rows_to_shape(centered, x.shape), gamma, inv_std, training, x.shape, mean, var)
-    return y, cache
+    cache = BatchNormCache(_rows_to_shape(centered, x.shape), gamma, inv_std, training, x.shape, mean, var)
+    return _rows_to_shape(y_rows, x.shape), cache
 
 
 @_reference_on_a_gpu
@@ -595,9 +585,9 @@ def batch_norm_backward(dy, cache):
         dx = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)
     Evaluation (fixed statistics): dx = gamma * inv_std * dy.
     """
-    centered, gamma, inv_std, training, x_shape, _, _ = cache
+    gamma, inv_std, training, x_shape = cache.gamma, cache.inv_std, cache.training, cache.x_shape
     xp = array_module(dy)
-    centered = channel_rows(centered)  # a free view: the forward stored it channel-major
+    centered = channel_rows(cache.centered)  # a free view: the forward stored it channel-major
     dy_rows = channel_rows(dy)
     count = dy_rows.shape[1]
     dbeta = xp.empty(dy_rows.shape[0], dtype=dy_rows.dtype)
@@ -728,7 +718,7 @@ def shortcut_forward(x, out_channels, stride=2):
     y = empty_channel_major(xp, (n, out_channels, sub.shape[2], sub.shape[3]), x.dtype)
     y[:, :c] = sub
     y[:, c:] = 0
-    return y, (x.shape, stride)
+    return y, ShortcutCache(x.shape, stride)
 
 
 @_reference_on_a_gpu

@@ -119,11 +119,11 @@ class SubsampleZeroPad(Module):
 
     def forward(self, x):
         self._check_input(x, 4, self.in_channels)
-        y, cache = kernels.current().shortcut_forward(x, self.out_channels, self.stride)
+        y, cache = kernels.current(x).shortcut_forward(x, self.out_channels, self.stride)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        return kernels.current().shortcut_backward(dy, self._take(dy))
+        return kernels.current(dy).shortcut_backward(dy, self._take(dy))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,14 +295,14 @@ class BasicBlock(Module):
             z += s
         else:
             z = s
-        y, mask = kernels.current().relu_forward(z)
+        y, mask = kernels.current(z).relu_forward(z)
         return self._keep((mask, run_branch, row_scale, multiplier), y)
 
     def backward(self, dy):
         mask, ran_branch, row_scale, multiplier = self._take(dy)
         if mask is None:  # dropped, input known to be a ReLU output: no output ReLU (see forward)
             return self.shortcut.backward(dy)
-        dz = kernels.current().relu_backward(dy, mask)  # a new array: the dy we were given is never written
+        dz = kernels.current(dy).relu_backward(dy, mask)  # a new array: the dy we were given is never written
         dx = self.shortcut.backward(dz)
         if not ran_branch:
             # Dropped branch: its backward is never called; its parameters keep zero gradient.

@@ -75,7 +75,7 @@ class Event:
     relu_skipped: bool | None = None  # blocks: True if the output ReLU was skipped too (x >= 0 known)
     survival_prob: float | None = None
     grad_norm: float | None = None  # backward of a module with parameters: norm of its own grads after
-    kernels: str = ""             # the kernel tier in force for this call: "fast" or "reference"
+    kernels: str = ""             # the kernel tier that ran this call: "fast" or "reference" (kernels.running)
     in_array: numpy.ndarray | None = field(default=None, repr=False)   # keep_arrays=True only
     out_array: numpy.ndarray | None = field(default=None, repr=False)  # keep_arrays=True only
 
@@ -219,7 +219,7 @@ class Trace:
                 return original(arg)
             start_bookkeeping = time.perf_counter()
             event = Event(index=len(trace.events), name=name, kind=type(module).__name__, phase=phase,
-                          depth=depth_of, is_leaf=leaf, kernels=kernels.active())
+                          depth=depth_of, is_leaf=leaf, kernels=kernels.running(arg))
             trace.events.append(event)
             event.in_shape = tuple(getattr(arg, "shape", ()))
             event.in_norm, event.in_mean, event.in_std = array_stats(arg)

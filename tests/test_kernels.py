@@ -517,22 +517,44 @@ def test_a_standalone_dropped_block_keeps_its_output_relu(rng):
     np.testing.assert_array_equal(host(block.backward(dev(dy_host))), dy_host * (x_host > 0))
 
 
-def test_device_arrays_run_the_reference_pairs(rng, monkeypatch):
-    """On a GPU the fast tier hands every pair to its reference twin (the CPU tricks launch more
-    kernels there): with arrays that count as device arrays, the reference runs."""
-    called = []
-    for name in ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"):
-        original = getattr(functional, name)
-        monkeypatch.setattr(functional, name, lambda *a, _f=original, _n=name, **k: called.append(_n) or _f(*a, **k))
-    x = rng.standard_normal((2, 3, 6, 6))  # NumPy arrays on any backend: host arrays
-    w = rng.standard_normal((4, 3, 3, 3))
-    y, cache = fast.conv2d_forward(x, w, None, 1, 1)
-    assert called == []  # host arrays: the fast path
-    monkeypatch.setattr(fast, "is_device_array", lambda a: True)
-    y, cache = fast.conv2d_forward(x, w, None, 1, 1)
-    fast.conv2d_backward(np.ones(y.shape), cache)
-    fast.batch_norm_forward(y, np.ones(4), np.zeros(4))
-    fast.relu_forward(y)
-    fast.shortcut_forward(x, 6, 2)
-    assert called == ["conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"]
-    assert fast.conv2d_forward.__name__ == "conv2d_forward" and "cross-correlation" in fast.conv2d_forward.__doc__
+def _as_if_on_a_gpu(monkeypatch):
+    """Make the kernels package take every array for a device array (there is no GPU here): the
+    tier switch and the chunking decide as on a GPU, while the arithmetic stays NumPy's."""
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[:2] == ["minisd", "kernels"] and \
+                getattr(module, "is_device_array", None) is backend.is_device_array:
+            monkeypatch.setattr(module, "is_device_array", lambda a: True)
+
+
+def test_on_a_gpu_the_reference_runs_and_the_trace_records_the_tier_that_ran(rng, monkeypatch):
+    """With "fast" chosen, device arrays run the reference pairs (the CPU tricks launch more
+    kernels on a GPU), and a trace says "reference": the tier that ran, not the one chosen."""
+    from minisd import trace
+
+    ran = []
+    for tier_name, module in (("fast", fast), ("reference", functional)):
+        for pair in ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "batch_norm_backward",
+                     "relu_forward", "relu_backward", "shortcut_forward", "shortcut_backward"):
+            original = getattr(module, pair)
+            monkeypatch.setattr(module, pair, lambda *a, _f=original, _t=tier_name, **k: ran.append(_t) or _f(*a, **k))
+    model = models.resnet_cifar(depth=8, in_channels=1, seed=0).to("numpy")
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+
+    def traced_step():
+        with trace.record(model) as t:
+            logits = model(x)
+            model.backward(np.ones_like(logits))
+        return t
+
+    with kernels.use("fast"):
+        on_the_host = traced_step()
+        assert set(ran) == {"fast"} and on_the_host.kernels == "fast" and kernels.running(x) == "fast"
+        ran.clear()
+        _as_if_on_a_gpu(monkeypatch)
+        on_a_gpu = traced_step()
+        assert kernels.active() == "fast" and kernels.running(x) == "reference"
+    assert set(ran) == {"reference"}
+    assert on_a_gpu.kernels == "reference" and {e.kernels for e in on_a_gpu.events} == {"reference"}
+    assert on_a_gpu.table().splitlines()[0] == "kernels: reference tier"
+    with kernels.use("reference"):  # the reference runs everywhere
+        assert kernels.running(x) == "reference" and kernels.current(x) is functional

@@ -20,8 +20,9 @@ The tricks, in the order a ResNet step meets them:
    against a row of zeros rather than the scalar 0 (:func:`_zero_row`), and batch norm and ReLU
    on groups of channels in threads.
 
-All of these are CPU tricks: with CuPy arrays the pairs run the reference instead (measured
-faster on a GPU, see :func:`_reference_on_a_gpu`).
+All of these are CPU tricks: the tier switch sends arrays on a GPU to the reference pairs
+instead (:func:`minisd.kernels.running` says why). Called directly, the pairs here run on CuPy
+arrays too (one chunk, no threads), only slower than the reference.
 
 Memory layout (trick 1)
 -----------------------
@@ -37,7 +38,7 @@ next convolution reads its input without a copy. :func:`channel_rows` is where t
 """
 from __future__ import annotations
 
-from minisd.backend import array_module, is_device_array
+from minisd.backend import array_module
 from minisd.functional import (  # the caches, the geometry, and the pairs that need no trick
     BatchNormCache,
     ConvCache,
@@ -50,38 +51,10 @@ from minisd.functional import (  # the caches, the geometry, and the pairs that 
     softmax_cross_entropy_forward,
     update_running_stats,
 )
-from minisd import functional
 from minisd.kernels import PAIRS, parallel
 from minisd.kernels.parallel import get_num_threads, images_per_chunk, map_channel_groups, map_chunks, scratch
 
 __all__ = ["channel_rows", "empty_channel_major", *PAIRS]  # every pair of the reference, same names
-
-
-# ----------------------------------------------------------------------------------------------
-# On a GPU: the reference
-# ----------------------------------------------------------------------------------------------
-
-# Why: every trick below is for a CPU (cache-sized chunks, threads, long contiguous copies). On a
-# GPU the cost of a step is the number of kernel launches, and the tricks launch more: a width
-# unfolding plus row slides, each slide zeroing its edge rows, is a dozen small kernels where the
-# reference's im2col is nine copies and one large product. Measured on an H200 (CuPy 14.2, batch
-# 128, 32x32, one run, medians of 5-10 steps): a ResNet-20 step took 67.6 ms on these kernels and
-# 53.5 ms on the reference; ResNet-56 221.6 ms against 148.6 ms. So with device arrays the fast
-# tier runs the reference pairs (the caches are the same, so forward and backward may mix).
-
-
-def _reference_on_a_gpu(fast_pair):
-    """Run ``fast_pair`` on host arrays, and its reference twin of the same name on device arrays."""
-    name = fast_pair.__name__
-
-    def pair(first, *args, **kwargs):
-        if is_device_array(first):
-            return getattr(functional, name)(first, *args, **kwargs)
-        return fast_pair(first, *args, **kwargs)
-
-    pair.__name__, pair.__qualname__, pair.__doc__ = name, fast_pair.__qualname__, fast_pair.__doc__
-    pair.__wrapped__ = fast_pair
-    return pair
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +212,6 @@ def _col2im_into(dx, cols6, kh, kw, sh, sw, ph, pw, overwrite):
     return dx
 
 
-@_reference_on_a_gpu
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """2-D cross-correlation, as torch.nn.functional.conv2d.
 
@@ -257,7 +229,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     _, _, sh, sw, ph, pw, ho, wo = conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
     # (O, N, Ho, Wo): the product's natural layout, handed out as an NCHW view (module docstring).
     out = xp.empty((out_channels, n, ho, wo), dtype=x.dtype)
-    threads = get_num_threads()  # host arrays only: device arrays run the reference (see above)
+    threads = get_num_threads()  # device arrays: one chunk (parallel.images_per_chunk), no threads
     if _slides(h, w, ho, wo, sh, sw):
         chunk, bytes_per_image = _same_conv_chunks(x, weight, out, ph, pw)
     else:
@@ -368,7 +340,6 @@ def _add_row_shifts(out_rows, z, h, w, ph):
             out_rows[:, -d:] += z[i][:, : total + d]
 
 
-@_reference_on_a_gpu
 def conv2d_backward(dy, cache, input_grad=True):
     """Gradients of :func:`conv2d_forward`: returns (dx, dweight, dbias or None).
 
@@ -390,7 +361,7 @@ def conv2d_backward(dy, cache, input_grad=True):
     _, _, sh, sw, ph, pw, ho, wo = conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
     # channel-major, like every activation here
     dx = xp.empty((c, n, h, w), dtype=x.dtype) if input_grad else None
-    threads = get_num_threads()  # host arrays only: device arrays run the reference (see above)
+    threads = get_num_threads()  # device arrays: one chunk (parallel.images_per_chunk), no threads
     if input_grad and _slides(h, w, ho, wo, sh, sw):
         chunk, bytes_per_image = _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw)
     else:
@@ -531,7 +502,6 @@ _KEPT_ROWS: dict = {}  # by (array module, dtype, length, value): ones for _row_
 parallel._ON_CLEAR.append(_KEPT_ROWS.clear)  # clear_workspace() frees them with the scratch buffers
 
 
-@_reference_on_a_gpu
 def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, training=True, eps=1e-5):
     """Batch normalisation over (N, H, W) per channel (or over N for 2-D input).
 
@@ -575,7 +545,6 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, trai
     return _rows_to_shape(y_rows, x.shape), cache
 
 
-@_reference_on_a_gpu
 def batch_norm_backward(dy, cache):
     """Gradients of :func:`batch_norm_forward`: returns (dx, dgamma, dbeta).
 
@@ -625,7 +594,6 @@ def _rows_to_shape(rows, shape):
 # ----------------------------------------------------------------------------------------------
 
 
-@_reference_on_a_gpu
 def relu_forward(x):
     """y = max(x, 0), any shape. The cache is the boolean mask x > 0 (a quarter of the memory).
 
@@ -673,7 +641,6 @@ def _zero_row(rows):
     return _kept_row(array_module(rows), rows.dtype, rows.shape[1], 0)
 
 
-@_reference_on_a_gpu
 def relu_backward(dy, cache):
     """dx = dy where x > 0, else 0. Returns a new array (dy is left untouched)."""
     mask = cache
@@ -688,7 +655,6 @@ def relu_backward(dy, cache):
     return dx
 
 
-@_reference_on_a_gpu
 def global_avg_pool_backward(dy, cache):
     """Each of the H*W pixels of a channel receives dy / (H*W).  dy: (N, C) -> dx: (N, C, H, W)."""
     xp = array_module(dy)
@@ -703,7 +669,6 @@ def global_avg_pool_backward(dy, cache):
 # ----------------------------------------------------------------------------------------------
 
 
-@_reference_on_a_gpu
 def shortcut_forward(x, out_channels, stride=2):
     """Subsample by ``stride`` and zero-pad the new channels (the paper's CIFAR shortcut, option A).
 
@@ -721,7 +686,6 @@ def shortcut_forward(x, out_channels, stride=2):
     return y, ShortcutCache(x.shape, stride)
 
 
-@_reference_on_a_gpu
 def shortcut_backward(dy, cache):
     """dx picks the gradient of the kept channels back onto the subsampled pixels; zero elsewhere.
 

@@ -279,10 +279,8 @@ class BasicBlock(Module):
             # gradient at this block's input differs, where x == 0 (a dead pixel), taking
             # ReLU'(0) = 1 there instead of 0 (both are subgradients); the ReLU before it zeroes
             # those entries. A standalone block (input_is_relu_output False, the default, as in
-            # the gradient checks, which feed negative inputs) keeps the ReLU.
-            # Measured (batch 128, 16 channels 32x32, forward + backward, gate forced off and on,
-            # interleaved, one run): a dropped block cost 2.9% of a kept one with the ReLU
-            # (2.68 / 93.5 ms), 0.03% without it (0.027 / 100 ms); at 64 channels 8x8 1.6% -> 0.04%.
+            # the gradient checks, which feed negative inputs) keeps the ReLU. The output ReLU was
+            # most of a dropped block's cost (measured: docs/performance.md#a-dropped-block-skips-its-output-relu).
             return self._keep((None, False, None, multiplier), s)  # no mask: no output ReLU
         if run_branch:
             # The branch's output (a fresh array from its last batch norm, whose cache keeps only

@@ -4,7 +4,7 @@ Every pair here has the signature, the cache and the results of its reference tw
 ``minisd/functional.py`` (the tests hold them equal to 1e-12 in float64 on a grid of shapes and
 layouts); only *how* it computes differs. Training runs this tier by default; switch with
 ``minisd.kernels.use("reference")``. Read the reference first: each function here says which trick
-it adds, why, and what it measured.
+it adds and why; what each trick measured is in ``docs/performance.md`` (section "Kernels").
 
 The tricks, in the order a ResNet step meets them:
 
@@ -264,7 +264,8 @@ def _same_conv_chunks(x, weight, out, ph, pw):
 
     with W_stack[(i, o), (c, j)] = W[o, c, i, j]. Same sum, same multiplications; the copies shrink
     from kh*kw to kw slabs of x, and the product is taller and less deep (kh*O rows instead of O),
-    a shape that OpenBLAS runs about 1.5x faster for 16 output channels (measured on this machine).
+    a shape that OpenBLAS runs faster for few output channels (measured:
+    docs/performance.md#width-only-unfolding-a-taller-product).
     The rows of Z[i] that would slide into a neighbouring image are zeroed first (they stand for
     the zero padding above and below each image); see :func:`_add_row_shifts`.
 
@@ -397,7 +398,8 @@ def _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
         buf = scratch(xp, (k, m * ho * wo), x.dtype)
         cols = _im2col_into(buf.reshape(c, kh, kw, m, ho, wo), xs, kh, kw, sh, sw, ph, pw).reshape(buf.shape)
         # dW^T = cols @ dY^T: the same product as dY @ cols^T, but OpenBLAS runs this orientation
-        # of the thin shapes (a long reduction, a (C*kh*kw, O) result) about 1.5x faster here.
+        # of the thin shapes (a long reduction, a (C*kh*kw, O) result) faster (measured:
+        # docs/performance.md#the-weight-gradients-product-orientation).
         dweight = (cols @ dy_rows.T).T.reshape(weight.shape)
         if dx is None:
             return dweight
@@ -478,9 +480,10 @@ def _row_dots(a, b):
 def _row_sums(a):
     """sum_m a[c, m] for each row c of a (C, M) matrix, as the product a @ ones(M).
 
-    The matrix-vector product runs about 3x faster than ``a.sum(axis=1)`` on long float32 rows
-    here (NumPy's pairwise sum is the more careful one, but the product's float32 error stays
-    at a few 1e-7 relative at these lengths: well inside what float32 training can tell apart).
+    The matrix-vector product runs faster than ``a.sum(axis=1)`` on long float32 rows (measured:
+    docs/performance.md#row-sums-as-a-matrix-vector-product). NumPy's pairwise sum is the more
+    careful one, but the product's float32 error stays at a few 1e-7 relative at these lengths:
+    well inside what float32 training can tell apart.
     The vector of ones is made once per length and kept (see :func:`_kept_row`).
     """
     return a @ _kept_row(array_module(a), a.dtype, a.shape[1], 1)
@@ -628,15 +631,11 @@ def _is_channel_major(x) -> bool:
 def _zero_row(rows):
     """A row of zeros as long as the rows of a (C, M) matrix (kept: see :func:`_kept_row`).
 
-    Why: NumPy's ``maximum`` against the scalar 0 runs a slow loop, about 3x the time of a copy;
-    against an array of zeros it runs its vectorised two-array loop. One row of zeros (M values,
-    512 KiB for a 16-channel 32x32 batch of 128) broadcast over the channels gives that loop
-    without a full-size array of zeros to read. Measured on this machine (2 cores, float32,
-    (C, M) = (16, 131072), medians of 50): 0.77 ms against the scalar, 0.34 ms against the row;
-    (64, 8192): 0.19 -> 0.07 ms. Inside training steps (batch 128, 3x32x32, old and new
-    alternating step by step, medians of 10), relu_forward's time per step went from 9.3 to 7.4 ms
-    (ResNet-20) and 33.5 to 28.6 ms (ResNet-56) on 2 threads, 11.5 to 7.9 and 48.0 to 39.1 ms on
-    one: about 1% of a step, which the step times alone cannot resolve.
+    Why: NumPy's ``maximum`` against the scalar 0 runs a slow loop, several times the time of a
+    copy; against an array of zeros it runs its vectorised two-array loop. One row of zeros (M
+    values, 512 KiB for a 16-channel 32x32 batch of 128) broadcast over the channels gives that
+    loop without a full-size array of zeros to read (measured:
+    docs/performance.md#relu-against-a-row-of-zeros).
     """
     return _kept_row(array_module(rows), rows.dtype, rows.shape[1], 0)
 
@@ -689,13 +688,11 @@ def shortcut_forward(x, out_channels, stride=2):
 def shortcut_backward(dy, cache):
     """dx picks the gradient of the kept channels back onto the subsampled pixels; zero elsewhere.
 
-    This dense dx is most of what a dropped transition block costs (1.3-2.5% of the same block
-    kept at 1 thread, 3.0-4.6% at 2, measured inside ResNets by ``minisd bench``). Three pixels
-    in four are zero, but the batch norm backward of the block before reads dx whole, so it must
-    exist whole: 8 MiB written for a 16-channel 32x32 batch of 128. Timed alone with warm caches,
-    forward and backward here take 0.6 ms together at 16 -> 32 channels; a buffer kept across
-    steps whose zeros are written once measured no faster (1.1-1.9 ms against 1.2-1.7 ms in the
-    block table, two interleaved runs), so it did not land.
+    This dense dx is most of what a dropped transition block costs. Three pixels in four are
+    zero, but the batch norm backward of the block before reads dx whole, so it must exist whole:
+    8 MiB written for a 16-channel 32x32 batch of 128. A buffer kept across steps, whose zeros are
+    written once, measured no faster, so it did not land (measured:
+    docs/performance.md#the-transition-shortcuts-backward).
     """
     xp = array_module(dy)
     x_shape, stride = cache

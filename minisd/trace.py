@@ -344,15 +344,6 @@ class Trace:
             return Place("model")
         return Place("stem" if mine < first else "head")
 
-    def gradient_at_block_inputs(self) -> list[float]:
-        """Norm of dL/dx at each block's input (the block's outgoing gradient in backward)."""
-        return [e.out_norm for e in self.block_events("backward")]
-
-    def total_seconds(self, phase: str) -> float:
-        """Time of the outermost calls of a phase (the model's own forward or backward)."""
-        top = min((e.depth for e in self.select(phase=phase)), default=0)
-        return float(sum(e.seconds for e in self.select(phase=phase) if e.depth == top))
-
     @property
     def kernels(self) -> str:
         """The kernel tier that ran the recorded calls: "fast", "reference", or "mixed"."""

@@ -15,11 +15,12 @@ order. So a run resumed with another ``MINISD_NUM_THREADS`` continues bit for bi
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+from threadpoolctl import ThreadpoolController
 
 from minisd.backend import is_device_array
 
@@ -119,7 +120,7 @@ def images_per_chunk(x, scratch_bytes_per_image):
 _MAX_DEFAULT_THREADS = 4
 _NUM_THREADS = None  # None: read MINISD_NUM_THREADS or the CPU count at first use
 _POOL = None
-_BLAS = None  # a threadpoolctl controller (False if threadpoolctl is missing)
+_BLAS = None  # a threadpoolctl controller, made at first use (see _one_blas_thread)
 
 
 def set_num_threads(n: int | None) -> None:
@@ -154,17 +155,10 @@ def get_num_threads() -> int:
 
 
 def _one_blas_thread():
-    """A context that limits the BLAS to one thread (a no-op without threadpoolctl)."""
+    """A context that limits the BLAS to one thread, and restores its setting on exit."""
     global _BLAS
     if _BLAS is None:
-        try:
-            from threadpoolctl import ThreadpoolController  # noqa: PLC0415
-        except ImportError:
-            _BLAS = False
-        else:
-            _BLAS = ThreadpoolController()  # made after NumPy is loaded, so it sees its BLAS
-    if _BLAS is False:
-        return contextlib.nullcontext()
+        _BLAS = ThreadpoolController()  # made at first use, after NumPy has loaded its BLAS, so it sees it
     return _BLAS.limit(limits=1, user_api="blas")
 
 

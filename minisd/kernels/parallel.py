@@ -49,13 +49,13 @@ __all__ = [
 #   go back to the OS when freed, so a fresh column matrix per layer pays that again at every step.
 # So the convolutions below unfold a few images at a time (about CHUNK_BYTES of scratch, small
 # enough to stay in a core's caches) into reused buffers, and run the product on them while they
-# are still in cache. The buffers never leave the
-# function that filled them: the forward keeps only its input x (an array the previous layer made
-# anyway) and the backward unfolds what it needs again (for a stride-1 "same" conv, dy's width
-# columns and x's height columns, see :func:`_conv_grads_from_dy_columns`; x's full columns
-# otherwise). That costs an unfolding per layer in backward and saves the memory of every column
-# matrix. Smaller chunks mean more, smaller products (and with several BLAS threads, one thread
-# hand-off per product); larger ones leave the caches. 3 MiB measured best on a 2-core machine
+# are still in cache. The buffers never leave the function that filled them: the forward keeps
+# only its input x (an array the previous layer made anyway) and the backward unfolds what it
+# needs again (for a stride-1 "same" conv, dy's width columns and x's height columns, see
+# :func:`_conv_grads_from_dy_columns`; x's full columns otherwise). That costs an unfolding per
+# layer in backward and saves the memory of every column matrix. Smaller chunks mean more,
+# smaller products (and with several BLAS threads, one thread hand-off per product); larger ones
+# leave the caches. 3 MiB measured best on a 2-core machine
 # (docs/performance.md#chunk-size-of-the-scratch-buffers).
 # On a GPU (CuPy arrays) the whole batch is one chunk: there, one large product is what is fast.
 CHUNK_BYTES = 3 << 20

@@ -119,11 +119,11 @@ class SubsampleZeroPad(Module):
 
     def forward(self, x):
         self._check_input(x, 4, self.in_channels)
-        y, cache = kernels.current().shortcut_forward(x, self.out_channels, self.stride)
+        y, cache = kernels.current(x).shortcut_forward(x, self.out_channels, self.stride)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        return kernels.current().shortcut_backward(dy, self._take(dy))
+        return kernels.current(dy).shortcut_backward(dy, self._take(dy))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,10 +290,8 @@ class BasicBlock(Module):
             # gradient at this block's input differs, where x == 0 (a dead pixel), taking
             # ReLU'(0) = 1 there instead of 0 (both are subgradients); the ReLU before it zeroes
             # those entries. A standalone block (input_is_relu_output False, the default, as in
-            # the gradient checks, which feed negative inputs) keeps the ReLU.
-            # Measured (batch 128, 16 channels 32x32, forward + backward, gate forced off and on,
-            # interleaved, one run): a dropped block cost 2.9% of a kept one with the ReLU
-            # (2.68 / 93.5 ms), 0.03% without it (0.027 / 100 ms); at 64 channels 8x8 1.6% -> 0.04%.
+            # the gradient checks, which feed negative inputs) keeps the ReLU. The output ReLU was
+            # most of a dropped block's cost (measured: docs/performance.md#a-dropped-block-skips-its-output-relu).
             return self._keep((None, False, None, multiplier), s)  # no mask: no output ReLU
         if run_branch:
             # The branch's output (a fresh array from its last batch norm, whose cache keeps only
@@ -306,14 +304,14 @@ class BasicBlock(Module):
             z += s
         else:
             z = s
-        y, mask = kernels.current().relu_forward(z)
+        y, mask = kernels.current(z).relu_forward(z)
         return self._keep((mask, run_branch, row_scale, multiplier), y)
 
     def backward(self, dy):
         mask, ran_branch, row_scale, multiplier = self._take(dy)
         if mask is None:  # dropped, input known to be a ReLU output: no output ReLU (see forward)
             return self.shortcut.backward(dy)
-        dz = kernels.current().relu_backward(dy, mask)  # a new array: the dy we were given is never written
+        dz = kernels.current(dy).relu_backward(dy, mask)  # a new array: the dy we were given is never written
         dx = self.shortcut.backward(dz)
         if not ran_branch:
             # Dropped branch: its backward is never called; its parameters keep zero gradient.

@@ -77,7 +77,7 @@ class Event:
     relu_skipped: bool | None = None  # blocks: True if the output ReLU was skipped too (x >= 0 known)
     survival_prob: float | None = None
     grad_norm: float | None = None  # backward of a module with parameters: norm of its own grads after
-    kernels: str = ""             # the kernel tier in force for this call: "fast" or "reference"
+    kernels: str = ""             # the kernel tier that ran this call: "fast" or "reference" (kernels.running)
     in_array: numpy.ndarray | None = field(default=None, repr=False)   # keep_arrays=True only
     out_array: numpy.ndarray | None = field(default=None, repr=False)  # keep_arrays=True only
 
@@ -234,7 +234,8 @@ class Trace:
                 return original(arg)
             start_bookkeeping = time.perf_counter()
             event = Event(index=len(trace.events), name=name, kind=type(module).__name__, phase=phase,
-                          depth=depth_of, is_leaf=leaf, block=trace.block_of.get(name), kernels=kernels.active())
+                          depth=depth_of, is_leaf=leaf, block=trace.block_of.get(name),
+                          kernels=kernels.running(arg))
             trace.events.append(event)
             event.in_shape = tuple(getattr(arg, "shape", ()))
             event.in_norm, event.in_mean, event.in_std = array_stats(arg)
@@ -358,15 +359,6 @@ class Trace:
         if first is None or mine is None:
             return Place("model")
         return Place("stem" if mine < first else "head")
-
-    def gradient_at_block_inputs(self) -> list[float]:
-        """Norm of dL/dx at each block's input (the block's outgoing gradient in backward)."""
-        return [e.out_norm for e in self.block_events("backward")]
-
-    def total_seconds(self, phase: str) -> float:
-        """Time of the outermost calls of a phase (the model's own forward or backward)."""
-        top = min((e.depth for e in self.select(phase=phase)), default=0)
-        return float(sum(e.seconds for e in self.select(phase=phase) if e.depth == top))
 
     @property
     def kernels(self) -> str:

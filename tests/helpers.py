@@ -5,7 +5,8 @@ process runs on (``MINISD_BACKEND=numpy``, ``cupy-names`` or ``cupy``), and comp
 :func:`host` (``backend.to_numpy``). So the same test files run unchanged on every backend.
 
 The oracles below are deliberately naive (Python loops straight from the definitions): they are
-slow and obviously right, and the fast kernels in ``minisd.functional`` are checked against them.
+slow and obviously right, and both kernel tiers (the reference, ``minisd.functional``, and the
+fast tier, ``minisd.kernels.fast``) are checked against them.
 """
 from __future__ import annotations
 

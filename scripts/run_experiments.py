@@ -268,6 +268,10 @@ def state(runs_dir, scratch, settings) -> str:
     if is_stored(runs_dir, name):
         return "done"
     done = epochs_done(os.path.join(scratch, name))
+    try:
+        check_not_in_use(os.path.join(scratch, name))
+    except RunFolderError:
+        return f"running ({done}/{settings.epochs} epochs)"
     return f"partial ({done}/{settings.epochs} epochs)" if done else "pending"
 
 

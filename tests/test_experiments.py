@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -85,6 +86,10 @@ def test_runner_stores_skips_resumes_and_summarises(tmp_path, capsys):
     with pytest.raises(TrainingInterrupted):
         fit(stopped, run_dir=stopped_dir, log=ctrl_c_after_first_epoch, progress=False)
     assert len(metrics_without_time(stopped_dir)) == 1
+    assert run_experiments.main(common + ["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(rf"partial \(1/2 epochs\) +{run_experiments.run_name(stopped)}", listed)
+    assert listed.count("pending") == len(smoke) - 1
 
     assert run_experiments.main(common + ["--jobs", "2"]) == 0
     printed = capsys.readouterr().out
@@ -104,6 +109,8 @@ def test_runner_stores_skips_resumes_and_summarises(tmp_path, capsys):
     stamps = {n: os.path.getmtime(runs_dir / n / "summary.json") for n in names}
     assert run_experiments.main(common) == 0
     assert "0 runs to train" in capsys.readouterr().out
+    assert run_experiments.main(common + ["--list"]) == 0
+    assert f"{len(names)} runs, {len(names)} stored" in capsys.readouterr().out
     assert stamps == {n: os.path.getmtime(runs_dir / n / "summary.json") for n in names}
     readme = (out / "README.md").read_text()
     assert "## Hypotheses" in readme and "--plan smoke" in readme and "stored" in readme

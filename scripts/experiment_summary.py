@@ -188,7 +188,7 @@ def sweep_table(runs) -> list[str]:
 
 def deep_table(runs) -> list[str]:
     lines = ["ResNet-1202 against ResNet-110 on the digits: test error (%) and wall time",
-             f"  {'network':<38} {ERROR_HEADER} {'wall time s':>16}  per seed (best-val / last)"]
+             f"  {'network':<40} {ERROR_HEADER} {'wall time s':>16}  per seed (best-val / last)"]
     rows = [(110, "none", plan_module.EPOCHS, plan_module.SEEDS), (110, "linear", plan_module.EPOCHS, plan_module.SEEDS),
             (1202, "none", plan_module.DEEP_EPOCHS, plan_module.DEEP_SEEDS),
             (1202, "linear", plan_module.DEEP_EPOCHS, plan_module.DEEP_SEEDS)]
@@ -198,7 +198,7 @@ def deep_table(runs) -> list[str]:
             found = find(runs, depth, schedule, 0.5, seeds=seeds, epochs=e)
             label = f"ResNet-{depth} {'constant depth' if schedule == 'none' else 'linear decay 0.5'}, {e} epochs"
             seeds_text = ", ".join(f"{r.best_error:.2f}/{r.last_error:.2f}" for r in found)
-            lines.append(f"  {label:<38} {error_columns(found)} {mean_sd(r.wall_time for r in found):>16}  {seeds_text}")
+            lines.append(f"  {label:<40} {error_columns(found)} {mean_sd(r.wall_time for r in found):>16}  {seeds_text}")
     return lines
 
 
@@ -223,7 +223,7 @@ def smalldata_table(runs) -> list[str]:
         linear = [getattr(l, metric) for _, _, l in pairs]
         test = sign_flip_test([a - b for a, b in zip(constant, linear)])
         lines.append(f"  {label}: constant {mean_sd(constant)}, linear {mean_sd(linear)}; mean difference "
-                     f"(constant - linear) {test['mean']:+.2f} over {test['n']} seeds; exact sign-flip test "
+                     f"(constant - linear) {test['mean']:+.2f} over {test['n']} of {len(plan_module.SMALLDATA_SEEDS)} planned seeds; exact sign-flip test "
                      f"p = {test['p_one_sided']:.4f} one-sided (linear lower), {test['p_two_sided']:.4f} two-sided "
                      f"(smallest possible {test['smallest_p']:.4f})")
     return lines

@@ -45,7 +45,7 @@ from minisd.exercises.gradient_checker import check_gradient_checker, check_nume
 from minisd.exercises.gradient_logs import check_gradient_logs, gradient_log_runs
 from minisd.exercises.optimizer import check_sgd_step
 from minisd.exercises.schedule import check_expected_depth, check_schedule, check_time_model, time_steps
-from minisd.exercises.test_time import check_network_test_time, check_test_time_rule, small_network
+from minisd.exercises.rule_at_test_time import check_network_test_time, check_test_time_rule, small_network
 
 __all__ = [
     "Report",

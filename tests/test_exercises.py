@@ -23,7 +23,7 @@ from minisd.exercises import batch_norm as bn_module
 from minisd.exercises import block as block_module
 from minisd.exercises import optimizer as sgd_module
 from minisd.exercises import schedule as schedule_module
-from minisd.exercises import test_time as test_time_module
+from minisd.exercises import rule_at_test_time as test_time_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

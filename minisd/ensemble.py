@@ -97,9 +97,10 @@ def compare_test_time_rules(model, split, samples: int = 64, seed: int = 0, batc
     ensemble of ``samples`` sub-networks, on ``split`` (a :class:`minisd.data.Split`), with the
     distance of each deterministic network's output from the ensemble's.
 
-    Returns {"own", "other", "ensemble"} -> accuracy, and {"own_distance", "other_distance"}: the
-    mean over images of the total-variation distance 0.5 * sum_k |p_k - q_k| between the softmax
-    outputs (0: the same prediction, 1: disjoint).
+    Returns {"own", "other", "ensemble"} -> accuracy; {"own_distance", "other_distance"}: the mean
+    over images of the total-variation distance 0.5 * sum_k |p_k - q_k| between the softmax outputs
+    (0: the same distribution, 1: disjoint); and {"own_agreement", "other_agreement"}: the share of
+    images whose predicted label is the ensemble's.
     """
     from minisd import data  # noqa: PLC0415  (data is only needed here)
 
@@ -118,6 +119,10 @@ def compare_test_time_rules(model, split, samples: int = 64, seed: int = 0, batc
     def distance(p):
         return float(0.5 * numpy.abs(p - ensemble).sum(axis=1).mean())
 
+    def agreement(p):
+        return float((p.argmax(axis=1) == ensemble.argmax(axis=1)).mean())
+
     return {"own": accuracy(own), "other": accuracy(other), "ensemble": accuracy(ensemble),
-            "own_distance": distance(own), "other_distance": distance(other), "samples": samples,
-            "images": int(labels.size)}
+            "own_distance": distance(own), "other_distance": distance(other),
+            "own_agreement": agreement(own), "other_agreement": agreement(other),
+            "samples": samples, "images": int(labels.size)}

@@ -99,6 +99,9 @@ def test_compare_reports_accuracies_and_distances():
     for key in ("own", "other", "ensemble"):
         assert 0.0 <= result[key] <= 1.0
     assert 0.0 <= result["own_distance"] <= 1.0 and 0.0 <= result["other_distance"] <= 1.0
+    assert 0.0 <= result["own_agreement"] <= 1.0 and 0.0 <= result["other_agreement"] <= 1.0
+    # the agreement is with the ensemble's labels: accuracies can differ by at most the disagreement
+    assert abs(result["own"] - result["ensemble"]) <= 1 - result["own_agreement"] + 1e-12
     # batches of 16 see the same gate draws as one batch of 40: the ensemble is one ensemble
     whole = ensemble.compare_test_time_rules(model, split, samples=8, batch_size=40)
     assert whole["ensemble"] == result["ensemble"]

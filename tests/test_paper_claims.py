@@ -324,3 +324,39 @@ def test_survival_sweep_figure(tmp_path, no_pyplot_figures):
     assert any(line.get_label() == "constant depth: 3.00" for line in ax.get_lines())
     assert ax.get_xlabel().startswith("$p_L$") and ax.get_ylabel() == "test error (%)"
     assert_png(tmp_path / "p.png")
+
+
+def test_first_conv_gradient_per_unit_of_loss_and_relative_to_the_last_block():
+    runs = [fake_run(seed, 1.0) for seed in range(3)]
+    for record in runs[1]:
+        record["block_grad"][-1] = 0.02          # the last block ran in seed 1's epochs
+    epochs, raw = plots.first_conv_gradient(runs)
+    _, per_loss = plots.first_conv_gradient(runs, per="loss")
+    _, per_block = plots.first_conv_gradient(runs, per="last_block")
+    loss = np.array([[r["train_loss"] for r in seed] for seed in runs])
+    np.testing.assert_allclose(per_loss, raw / loss)
+    assert np.isnan(per_block[0]).all() and np.isnan(per_block[2]).all()   # last block never ran: no ratio
+    np.testing.assert_allclose(per_block[1], raw[1] / 0.02)
+    fig = plots.gradient_magnitude({"a": runs, "b": runs[:2]}, per="loss")
+    assert "training loss" in fig.axes[0].get_ylabel() and fig.axes[0].get_title() == "Per unit of training loss"
+    with pytest.raises(ValueError, match="per must be one of"):
+        plots.first_conv_gradient(runs, per="output")
+
+
+def test_block_gradient_map_puts_every_configuration_on_one_scale(tmp_path):
+    constant = [fake_run(seed, 1.0, blocks=6) for seed in range(2)]
+    stochastic = [fake_run(seed, 1.0, blocks=6) for seed in range(2)]
+    for records in stochastic:
+        for r in records:
+            r["block_grad"] = [0.05 * (l + 1) for l in range(5)] + [None if r["epoch"] % 2 else 0.3]
+    fig = plots.block_gradient_map({"constant depth": constant, "linear decay": stochastic}, save=tmp_path / "m.png")
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 2 and images[0].norm is images[1].norm                         # one colour scale
+    assert images[0].norm.vmin == pytest.approx(0.01) and images[0].norm.vmax == pytest.approx(0.3)
+    matrix = images[1].get_array()
+    assert matrix.shape == (6, 6)                                                        # blocks x epochs
+    assert matrix[0, 0] == pytest.approx(0.05)
+    assert not np.isfinite(np.ma.filled(matrix, np.nan)[5, 0])                          # never ran: no value
+    assert fig.axes[0].get_ylabel().startswith("residual block $l$") and images[0].get_extent()[2:] == [0.5, 6.5]
+    assert "block's branch" in fig.axes[-1].get_ylabel()
+    assert (tmp_path / "m.png").stat().st_size > 5000

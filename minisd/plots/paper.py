@@ -20,9 +20,9 @@ import numpy
 from minisd import backend
 from minisd.plots.figure import (CONSTANT_COLOR, DROPPED_COLOR, KEPT_COLOR, RUN_COLORS, lecture_figure,
                                  save_figure)
-from minisd.plots.runs import lr_drops, seed_matrix, seed_note
+from minisd.plots.runs import block_matrix, lr_drops, seed_matrix, seed_note, seed_runs
 
-__all__ = ["gradient_magnitude", "test_error_curves", "fit_step_time", "step_time_vs_active_blocks",
+__all__ = ["gradient_magnitude", "first_conv_gradient", "block_gradient_map", "test_error_curves", "fit_step_time", "step_time_vs_active_blocks",
            "monte_carlo_convergence", "branch_gradient_norms", "survival_sweep"]
 
 SEED_BAND_ALPHA = 0.2
@@ -42,7 +42,7 @@ def _mean_and_band(ax, epochs, values, color, label, ls="-", marker="o"):
     return mean
 
 
-def _marklr_drops(ax, drops, legend=True):
+def _mark_lr_drops(ax, drops, legend=True):
     """Dotted lines at the learning-rate drops; ``legend``: name them once in the axes' legend."""
     for k, epoch in enumerate(drops):
         ax.axvline(epoch, color="#999999", lw=1, ls=":", zorder=0,
@@ -51,30 +51,53 @@ def _marklr_drops(ax, drops, legend=True):
 
 
 
-def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool = True, save=None):
+PER = {None: ("mean |∂L/∂W| of the first conv layer", "Gradient magnitude at the first convolution"),
+       "loss": ("first conv's mean |∂L/∂W| ÷ training loss", "Per unit of training loss"),
+       "last_block": ("first conv's mean |∂L/∂W| ÷ last block's", "Relative to the last block's gradient")}
+
+
+def first_conv_gradient(runs, per: str | None = None):
+    """(epochs, values[seed, epoch]) of the first convolution's mean |gradient| per epoch, divided
+    seed by seed and epoch by epoch by the epoch's training loss (``per="loss"``) or by the last
+    residual block's mean |gradient| (``per="last_block"``: the gradient near the output, over the
+    steps where that block ran), or as logged (None)."""
+    if per not in PER:
+        raise ValueError(f"first_conv_gradient: per must be one of {list(PER)}, got {per!r}")
+    epochs, values = seed_matrix(runs, "first_conv_grad")
+    if per == "loss":
+        values = values / seed_matrix(runs, "train_loss")[1]
+    elif per == "last_block":
+        values = values / block_matrix(runs)[1][:, :, -1]
+    return epochs, values
+
+
+def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool = True, per: str | None = None,
+                       save=None):
     """The paper's Figure 8: mean |gradient| at the first convolution over training.
 
     runs: label -> the runs of one configuration, one per seed (run folders, or their record
     lists); the records need ``first_conv_grad`` (written by ``minisd.training``). Left: the
     epoch's mean absolute gradient of the stem convolution's weight, mean over seeds with the
-    spread as a band. Right: each configuration's mean divided by the reference's (default: the
-    first label), so "larger with stochastic depth" reads as a line above 1.
+    spread as a band (``per``: divided by the epoch's training loss, "loss", or by the last
+    block's gradient, "last_block", see :func:`first_conv_gradient`). Right: each configuration's
+    mean divided by the reference's (default: the first label), so "larger with stochastic depth"
+    reads as a line above 1.
     """
     labels = list(runs)
     reference = labels[0] if reference is None else reference
-    curves = {label: seed_matrix(runs[label], "first_conv_grad") for label in labels}
+    curves = {label: first_conv_gradient(runs[label], per) for label in labels}
     drops = lr_drops(runs)
     with lecture_figure((14, 5.2), 1, 2, gridspec_kw={"width_ratios": [1.35, 1]}) as (fig, (ax, ax2)):
         means = {}
         for k, label in enumerate(labels):
             epochs, values = curves[label]
             means[label] = (epochs, _mean_and_band(ax, epochs, values, RUN_COLORS[k % len(RUN_COLORS)], label))
-        _marklr_drops(ax, drops)
+        _mark_lr_drops(ax, drops)
         if log_scale:
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("mean |∂L/∂W| of the first conv layer")
-        ax.set_title("Gradient magnitude at the first convolution")
+        ax.set_ylabel(PER[per][0])
+        ax.set_title(PER[per][1])
         ax.legend(frameon=False, loc="best")
         ref_epochs, ref_mean = means[reference]
         ax2.axhline(1.0, color=RUN_COLORS[labels.index(reference) % len(RUN_COLORS)], lw=2, ls="--",
@@ -86,7 +109,7 @@ def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool
             common = numpy.intersect1d(epochs, ref_epochs)
             ratio = mean[numpy.searchsorted(epochs, common)] / ref_mean[numpy.searchsorted(ref_epochs, common)]
             ax2.plot(common, ratio, "-o", color=RUN_COLORS[k % len(RUN_COLORS)], lw=2.2, ms=3.5, label=label)
-        _marklr_drops(ax2, drops, legend=False)  # the left panel names these lines
+        _mark_lr_drops(ax2, drops, legend=False)  # the left panel names these lines
         ax2.set_xlabel("epoch")
         ax2.set_ylabel(f"ratio to {reference}")
         ax2.set_title("Relative to " + reference)
@@ -99,6 +122,46 @@ def gradient_magnitude(runs: dict, reference: str | None = None, log_scale: bool
             a.xaxis.get_major_locator().set_params(integer=True)
         fig.suptitle(f"Mean gradient magnitude per epoch ({seed_note(runs)})", fontsize=14)
         fig.tight_layout()
+    return save_figure(fig, save)
+
+
+def block_gradient_map(runs: dict, save=None):
+    """Each residual block's branch gradient over training: one picture per configuration, blocks
+    l = 1..L (rows, l = 1 next to the stem) by epochs (columns), the mean over seeds of the logged
+    ``block_grad`` (mean |gradient| of the block's branch parameters over the steps where it ran),
+    all on one logarithmic colour scale so the configurations compare square by square.
+
+    runs: label -> the runs of one configuration, one per seed (as :func:`gradient_magnitude`).
+    """
+    import warnings  # noqa: PLC0415
+    from matplotlib.colors import LogNorm  # noqa: PLC0415
+
+    maps = {}
+    for label, value in runs.items():
+        epochs, values = block_matrix(value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a block no seed ran in an epoch stays NaN
+            maps[label] = (epochs, numpy.nanmean(values, axis=0).T)   # (blocks, epochs)
+    finite = numpy.concatenate([m[numpy.isfinite(m) & (m > 0)] for _, m in maps.values()])
+    if not finite.size:
+        raise ValueError("block_gradient_map: the runs hold no block_grad values")
+    norm = LogNorm(vmin=float(finite.min()), vmax=float(finite.max()))
+    n = len(maps)
+    blocks = max(m.shape[0] for _, m in maps.values())
+    with lecture_figure((6.0 * n + 1.6, max(4.8, 0.09 * blocks + 3.0)), 1, n, squeeze=False, sharey=True) as (fig, axes):
+        image = None
+        for ax, (label, (epochs, matrix)) in zip(axes[0], maps.items()):
+            image = ax.imshow(matrix, aspect="auto", origin="lower", norm=norm, cmap="viridis", interpolation="nearest",
+                              extent=(epochs[0] - 0.5, epochs[-1] + 0.5, 0.5, matrix.shape[0] + 0.5))
+            ax.set_title(label)
+            ax.set_xlabel("epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        axes[0][0].set_ylabel("residual block $l$ (1 = next to the stem)")
+        bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02)
+        bar.set_label("mean |∂L/∂θ| of the block's branch (log scale)")
+        counts = sorted({len(seed_runs(value)) for value in runs.values()})
+        seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        fig.suptitle(f"Gradient of each block's branch over training (mean over {seeds} seeds)", fontsize=14)
     return save_figure(fig, save)
 
 
@@ -124,7 +187,7 @@ def test_error_curves(runs: dict, log_scale: bool = True, save=None):
             epochs, loss = seed_matrix(runs[label], "train_loss")
             _mean_and_band(ax2, epochs, loss, color, label)
         for a in (ax, ax2):
-            _marklr_drops(a, drops)
+            _mark_lr_drops(a, drops)
             a.set_xlabel("epoch")
             a.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("test error (%)")

@@ -11,7 +11,7 @@ import os
 
 import numpy
 
-__all__ = ["read_metrics", "column", "seed_matrix"]
+__all__ = ["read_metrics", "column", "seed_matrix", "block_matrix"]
 
 
 def _metrics_path(run) -> str:
@@ -79,6 +79,25 @@ def seed_matrix(runs, key: str):
         for r in records:
             if _is_number(r.get(key)):
                 values[s, where[int(r["epoch"])]] = r[key]
+    return numpy.asarray(epochs), values
+
+
+def block_matrix(runs, key: str = "block_grad"):
+    """(epochs, values): ``values[s, e, l - 1]`` is entry l of the per-block list ``key`` of seed s
+    at epoch e (NaN where missing or null: a block that never ran in that epoch).
+
+    runs: one label's runs, as :func:`seed_matrix` takes them.
+    """
+    per_seed = seed_runs(runs)
+    epochs = sorted({int(r["epoch"]) for records in per_seed for r in records})
+    where = {e: k for k, e in enumerate(epochs)}
+    blocks = max((len(r.get(key) or []) for records in per_seed for r in records), default=0)
+    values = numpy.full((len(per_seed), len(epochs), blocks), numpy.nan)
+    for s, records in enumerate(per_seed):
+        for r in records:
+            for l, value in enumerate(r.get(key) or []):
+                if _is_number(value):
+                    values[s, where[int(r["epoch"])], l] = value
     return numpy.asarray(epochs), values
 
 

@@ -171,19 +171,19 @@ def check_run_folder(run_dir, resuming=False) -> None:
         return
     if not os.path.isdir(run_dir):
         raise RunFolderError(f"{run_dir} is not a folder; give --out a new or empty folder, or a minisd run folder")
-    if not is_own_folder(run_dir):
-        foreign = sorted(os.listdir(run_dir))
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise RunFolderError(f"{run_dir} is not a minisd run folder (it holds {len(foreign)} "
-                             f"entr{'ies' if len(foreign) != 1 else 'y'} minisd did not write: {shown}); "
-                             "nothing there was changed: choose a new or empty folder with --out")
-    for name in RUN_FILES:
+    for name in RUN_FILES:  # a FIFO would block a read, a folder cannot be replaced by a file
         path = os.path.join(run_dir, name)
         with contextlib.suppress(FileNotFoundError):
             mode = os.lstat(path).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
                 raise RunFolderError(f"{path} is not a regular file; minisd writes only regular files it "
                                      "created: move it away or choose another --out")
+    if not is_own_folder(run_dir):
+        foreign = sorted(os.listdir(run_dir))
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise RunFolderError(f"{run_dir} is not a minisd run folder (it holds {len(foreign)} "
+                             f"entr{'ies' if len(foreign) != 1 else 'y'} minisd did not write: {shown}); "
+                             "nothing there was changed: choose a new or empty folder with --out")
     if not os.access(run_dir, os.W_OK | os.X_OK):
         what = "cannot resume in" if resuming else "cannot write to"
         raise RunFolderError(f"{what} {run_dir}: the folder is read-only"

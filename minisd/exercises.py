@@ -124,8 +124,16 @@ def _call(fn, name: str, call: str, *args):
     except NotImplementedError:
         raise _StudentError(f"{name} is not written yet (it raises NotImplementedError). Replace the "
                             "`raise NotImplementedError` line with your code, run that cell, then this one again.") from None
+    except SystemExit as exc:  # not an Exception: sys.exit() would end the checker and escape it
+        raise _StudentError(_exit_message(name, exc)) from None
     except Exception as exc:  # noqa: BLE001  (every mistake becomes a message, never a traceback)
         raise _StudentError(_explain_exception(fn, name, call, exc)) from None
+
+
+def _exit_message(name, exc: SystemExit) -> str:
+    """One line for a student function that called sys.exit() (or exit(), or raised SystemExit)."""
+    return (f"{name} called sys.exit({'' if exc.code is None else repr(exc.code)}), which would stop the checker: "
+            "return the result instead")
 
 
 def _explain_exception(fn, name, call, exc) -> str:
@@ -165,14 +173,37 @@ def _entry_text(name, index, mine, correct) -> str:
     return f"e.g. {name}[{where}]: yours {mine[index]:+.5g}, correct {correct[index]:+.5g}"
 
 
+_NOT_NUMBERS = {"b": "true/false values", "c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects",
+                "V": "records", "M": "dates", "m": "time spans"}
+
+
+def _as_numbers(value, name, expected: str):
+    """The student's value as a float64 host array if it holds real numbers; else a _StudentError
+    saying what it is instead (None, text, a dict, true/false values, complex numbers, objects).
+    ``expected`` completes "return ...", e.g. "an array of shape (2, 3)"."""
+    if value is None:
+        raise _StudentError(f"{name} is None: return {expected}")
+    if isinstance(value, (str, bytes, dict, set)):
+        raise _StudentError(f"{name} is a {type(value).__name__}, not {expected}")
+    try:
+        array = numpy.asarray(backend.to_numpy(value))
+    except Exception:  # noqa: BLE001  (a ragged list, an object NumPy cannot read)
+        raise _StudentError(f"{name} is a {type(value).__name__}, not {expected}") from None
+    if array.dtype.kind not in "iuf":
+        what = _NOT_NUMBERS.get(array.dtype.kind, str(array.dtype))
+        raise _StudentError(f"{name} holds {what}, not numbers: return {expected}")
+    return array.astype(numpy.float64)
+
+
 def _as_array(value, name, expected_shape):
     """The student's value as a float64 host array, or a _StudentError saying what it was instead."""
-    if value is None:
-        raise _StudentError(f"{name} is None: return an array of shape {expected_shape}")
-    try:
-        return _host(value)
-    except Exception:  # noqa: BLE001
-        raise _StudentError(f"{name} is a {type(value).__name__}, not an array of shape {expected_shape}") from None
+    return _as_numbers(value, name, f"an array of shape {expected_shape}")
+
+
+def _stop_counting(module) -> None:
+    """Undo :func:`_counting`; quietly, if the student's code already removed the wrapper
+    (``del module.backward``), so the checker's own cleanup never raises."""
+    vars(module).pop("backward", None)
 
 
 def _compare(report, name, mine, correct, hints=(), numeric=None, label=None):
@@ -514,7 +545,7 @@ def check_block_backward(block_backward) -> Report:
                                         "gradient reaches x through the ReLU mask and the shortcut only") from None
                 raise
             finally:
-                del block.branch.backward
+                _stop_counting(block.branch)
             mine = _as_array(result, "dx", dx.shape)
             _dy_unchanged(report, "block_backward", _host(dy), dy_given)
             if numpy.any(gate) and not branch_calls:
@@ -572,11 +603,10 @@ def check_schedule(linear_decay) -> Report:
         for blocks, final in SCHEDULE_SETTINGS:
             correct = numpy.asarray(residual.linear_decay(blocks, final), dtype=float)
             result = _call(linear_decay, "linear_decay", call, blocks, final)
-            try:
-                mine = numpy.asarray(list(result), dtype=float)
-            except Exception:  # noqa: BLE001
-                raise _StudentError(f"linear_decay returned {type(result).__name__}; return a list of {blocks} "
-                                    "probabilities, one per block") from None
+            if isinstance(result, (map, filter, zip)) or type(result).__name__ == "generator":
+                result = list(result)  # an iterator of numbers is a fine answer
+            mine = _as_numbers(result, "linear_decay's result", f"a list of {blocks} probabilities, one per block")
+            mine = mine.reshape(-1) if mine.ndim <= 1 else mine
             label = f"L = {blocks}, p_L = {final}"
             if mine.shape != correct.shape:
                 report.add(False, f"{label}: {mine.size} probabilities, expected {blocks} (one per residual block)",
@@ -614,8 +644,8 @@ def check_test_time_rule(block_output_at_test_time) -> Report:
             if not (numpy.array_equal(given[0], branch) and numpy.array_equal(given[1], shortcut)):
                 report.add(False, "block_output_at_test_time changed its inputs",
                            ["compute y in a new array; the branch and shortcut outputs may be used elsewhere"])
-            again = _host(_call(block_output_at_test_time, "block_output_at_test_time", call, branch.copy(),
-                                shortcut.copy(), p))
+            again = _as_array(_call(block_output_at_test_time, "block_output_at_test_time", call, branch.copy(),
+                                    shortcut.copy(), p), "y", branch.shape)
             correct = numpy.maximum(p * branch + shortcut, 0.0)
             if not numpy.array_equal(again, mine):
                 report.add(False, f"p = {p}: two calls with the same inputs gave different outputs",

@@ -358,3 +358,54 @@ def test_notebook_solved_passes_and_unsolved_fails_with_messages(path):
                        for text in outcome), outcome
         else:
             assert all("NOT PASSED" in text.split("\n")[0] and "is not written yet" in text for text in outcome), outcome
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 27: answers that would break the checker itself
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_student_function_that_calls_sys_exit_stays_inside_the_checker():
+    import sys  # noqa: PLC0415
+
+    def conv_backward(dy, x, weight, stride, padding):
+        sys.exit(1)
+
+    failed(exercises.check_conv_backward(conv_backward), "conv_backward called sys.exit(1), which would stop the "
+                                                         "checker: return the result instead")
+    failed(exercises.check_schedule(lambda L, p: sys.exit()), "linear_decay called sys.exit()")
+
+
+def test_a_block_backward_that_deletes_the_counted_backward_does_not_break_the_cleanup():
+    def block_backward(blk, dy, saved):
+        dx = block(blk, dy, saved)
+        del blk.branch.backward  # removes the checker's counting wrapper
+        return dx
+
+    report = exercises.check_block_backward(block_backward)
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("answer, phrase", [
+    (lambda f, s, p: "ReLU(p * f + s)", "y is a str, not an array of shape (2, 3, 4, 4)"),
+    (lambda f, s, p: np.maximum(p * f + s, 0) > 0, "y holds true/false values, not numbers"),
+    (lambda f, s, p: np.maximum(p * f + s, 0) + 0j, "y holds complex numbers, not numbers"),
+    (lambda f, s, p: np.maximum(p * f + s, 0).astype(str), "y holds text, not numbers"),
+    (lambda f, s, p: {"y": np.maximum(p * f + s, 0)}, "y is a dict, not an array"),
+])
+def test_answers_of_the_wrong_kind_are_refused_in_one_line(answer, phrase):
+    failed(exercises.check_test_time_rule(answer), phrase)
+
+
+@pytest.mark.parametrize("answer, phrase", [
+    (lambda L, p: "05", "linear_decay's result is a str, not a list of 3 probabilities"),
+    (lambda L, p: {l: 1 - l / L * (1 - p) for l in range(1, L + 1)}, "linear_decay's result is a dict"),
+    (lambda L, p: [True] * L, "linear_decay's result holds true/false values, not numbers"),
+])
+def test_schedules_of_the_wrong_kind_are_refused(answer, phrase):
+    failed(exercises.check_schedule(answer), phrase)
+
+
+def test_a_schedule_given_as_a_generator_is_still_an_answer():
+    report = exercises.check_schedule(lambda L, p: (1 - l / L * (1 - p) for l in range(1, L + 1)))
+    assert report.passed, str(report)

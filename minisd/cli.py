@@ -27,8 +27,6 @@ import warnings
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DATASETS = ("digits", "cifar10")
-MAX_EPOCHS = 1_000_000        # as minisd.training.settings.MAX_EPOCHS (not imported: that loads NumPy)
-MAX_SEED = 2**63 - 1
 
 
 def _usage_error(parser, message):
@@ -51,7 +49,8 @@ def _number(convert, low, high, expected):
                 raise ValueError
             value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+            shown = text if len(text) <= 20 else text[:20] + "..."
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
@@ -60,11 +59,21 @@ def _number(convert, low, high, expected):
 
 
 _positive_int = _number(int, 1, float("inf"), "a whole number >= 1")
-_epochs = _number(int, 1, MAX_EPOCHS, f"a whole number from 1 to {MAX_EPOCHS:,}")
 _batch_size = _number(int, 2, float("inf"), "a whole number >= 2 (batch norm needs two samples)")
-_seed = _number(int, 0, MAX_SEED, "a whole number from 0 to 2**63 - 1")
 _count = _number(int, 0, float("inf"), "a whole number >= 0")
 _probability = _number(float, 0.0, 1.0, "a number in [0, 1]")
+
+
+def _epochs(text):
+    from minisd.training.settings import MAX_EPOCHS  # noqa: PLC0415  (NumPy: imported inside main)
+
+    return _number(int, 1, MAX_EPOCHS, f"a whole number from 1 to {MAX_EPOCHS:,}")(text)
+
+
+def _seed(text):
+    from minisd.training.settings import MAX_SEED  # noqa: PLC0415
+
+    return _number(int, 0, MAX_SEED, "a whole number from 0 to 2**63 - 1")(text)
 
 
 def _path(expected):

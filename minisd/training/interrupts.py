@@ -46,8 +46,9 @@ class InterruptFlag:
     def _handler(self, signum, frame):
         if not self.requested:
             self.requested, self.signum = True, signum
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "a second signal or Ctrl-C"
             self._announce(f"{_NAMES.get(signum, signum)}: saving a checkpoint at the next safe point, then stopping "
-                           "(press Ctrl-C again to quit at once without saving)")
+                           f"({again} to quit at once without saving)")
         elif self._saving:
             self._announce(f"{_NAMES.get(signum, signum)}: a checkpoint is being written; stopping as soon as it "
                            "is complete")

@@ -470,3 +470,15 @@ def test_ctrl_c_while_numpy_is_imported_is_one_line():
                           env=dict(env, PYTHONPATH=REPO))
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "minisd: interrupted"
+
+
+def test_a_checkpoint_resumed_from_someone_elses_folder_writes_nothing_there(tmp_path, finished):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "report.txt").write_text("mine")
+    shutil.copy(finished / "last.npz", downloads / "checkpoint.npz")
+    before = snapshot(downloads)
+    with pytest.raises(training.RunFolderError, match="downloads is not a minisd run folder .* copy the checkpoint "
+                                                      "into a new folder and resume it there"):
+        training.resume(downloads / "checkpoint.npz", **quiet())
+    assert snapshot(downloads) == before

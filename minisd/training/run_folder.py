@@ -183,7 +183,9 @@ def check_run_folder(run_dir, resuming=False) -> None:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise RunFolderError(f"{run_dir} is not a minisd run folder (it holds {len(foreign)} "
                              f"entr{'ies' if len(foreign) != 1 else 'y'} minisd did not write: {shown}); "
-                             "nothing there was changed: choose a new or empty folder with --out")
+                             "nothing there was changed: " + ("copy the checkpoint into a new folder and resume "
+                                                              "it there" if resuming else
+                                                              "choose a new or empty folder with --out"))
     if not os.access(run_dir, os.W_OK | os.X_OK):
         what = "cannot resume in" if resuming else "cannot write to"
         raise RunFolderError(f"{what} {run_dir}: the folder is read-only"

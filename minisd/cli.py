@@ -25,6 +25,7 @@ import os
 import sys
 import warnings
 
+from minisd import __version__  # minisd/__init__ imports nothing heavy: NumPy comes inside main
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DATASETS = ("digits", "cifar10")
 
@@ -120,7 +121,7 @@ def _add_train(sub):
     # No `choices` here: checked after parsing, so that `--depht 20` is reported as an unknown
     # option, not as the invalid dataset "20".
     p.add_argument("dataset", nargs="?", default=None, metavar="{digits,cifar10}",
-                   help="digits (embedded in scikit-learn, default) or cifar10 (needs --data-dir)")
+                   help="digits (packaged with minisd, default) or cifar10 (needs --data-dir)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ (nothing is downloaded)")
     p.add_argument("--depth", type=_depth, help=f"ResNet depth 6n+2 (default {d.depth}; the paper: 110)")
     p.add_argument("--schedule", choices=("linear", "uniform", "none"),
@@ -163,6 +164,7 @@ def _add_train(sub):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minisd", description="Stochastic-depth ResNets with hand-written backprop.",
                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,gradcheck,bench}")
     _add_train(sub)
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint", description="Evaluate a checkpoint on a split "

@@ -3,8 +3,11 @@
 Two datasets, both normalised as the paper normalises CIFAR (per-pixel mean subtraction, then
 division by one global standard deviation), with statistics computed on the training split only:
 
-* ``digits``: the 1797 handwritten 8x8 grey digits that ship inside scikit-learn (no download).
-  A fixed, seeded split (the same for every training seed): 1257 train, 180 validation, 360 test.
+* ``digits``: the 1797 handwritten 8x8 grey digits of UCI's "Optical Recognition of Handwritten
+  Digits" (the copy scikit-learn ships), stored in this package as ``datasets/digits.npz`` (45 KB;
+  citation and CC BY 4.0 license in ``datasets/DIGITS_LICENSE.md``), so nothing is downloaded and
+  scikit-learn is not needed. A fixed, seeded split (the same for every training seed): 1257 train,
+  180 validation, 360 test.
 * ``cifar10``: the official CIFAR-10 archives, read from a local folder (nothing is downloaded), in
   the binary format (``cifar-10-batches-bin``) or the Python format (``cifar-10-batches-py``).
   The paper's split: 45,000 training and 5,000 validation images from the 50,000, plus the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from importlib import resources
 from dataclasses import dataclass, field, replace
 
 import numpy
@@ -39,6 +43,7 @@ __all__ = [
     "DATASETS",
     "load",
     "load_digits",
+    "read_digits_file",
     "load_cifar10",
     "read_cifar_binary",
     "read_cifar_python",
@@ -55,6 +60,7 @@ CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_FILE = "test_batch"
 CIFAR_RECORD = 1 + 3 * 32 * 32  # binary format: one label byte, then 1024 R, 1024 G, 1024 B bytes
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+DIGITS_FILE = "digits.npz"  # minisd/datasets/: UCI optdigits test partition, CC BY 4.0
 
 
 class DataError(ValueError):
@@ -133,16 +139,21 @@ def _split_indices(n: int, val_size: int, test_size: int, seed: int):
 # ----------------------------------------------------------------------------------------------
 
 
+def read_digits_file() -> tuple[numpy.ndarray, numpy.ndarray]:
+    """The packaged digits: images (1797, 8, 8) uint8 with values 0..16 and labels (1797,) int64,
+    in ``sklearn.datasets.load_digits()``'s order."""
+    with resources.files("minisd.datasets").joinpath(DIGITS_FILE).open("rb") as f:
+        with numpy.load(f, allow_pickle=False) as arrays:
+            return arrays["images"], arrays["targets"].astype(numpy.int64)
+
+
 def load_digits(val_size: int = 180, test_size: int = 360, split_seed: int = 0) -> Dataset:
-    """scikit-learn's 8x8 digits, split train/val/test with a fixed seed, normalised on train.
+    """The 8x8 digits, split train/val/test with a fixed seed, normalised on train.
 
     The split does not depend on the training seed, so every run is tested on the same images.
     """
-    from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415 (import is slow)
-
-    bunch = sklearn_digits()
-    images = bunch.data.reshape(-1, 1, 8, 8)  # values 0..16
-    labels = bunch.target.astype(numpy.int64)
+    images, labels = read_digits_file()
+    images = images.reshape(-1, 1, 8, 8)  # values 0..16
     available = len(labels) - test_size  # the images outside the test split
     if test_size >= 0 and not 0 <= val_size < available:
         raise DataError(f"cannot hold out {val_size} validation images from the {available} digits outside the "

@@ -6,7 +6,11 @@ Each operation is a pair::
     grads      = op_backward(dout, cache)
 
 ``forward`` keeps in ``cache`` what ``backward`` needs; ``backward`` returns the gradient with
-respect to each input, in the order the forward took them, and never writes into ``dout``.
+respect to each input, in the order the forward took them, and never writes into ``dout``. Each
+cache is a named record defined beside its pair (``ConvCache``, ``BatchNormCache``, ...): read a
+field by name (``cache.inv_std``) or unpack it as the tuple it is. The fast tier builds the same
+records and uses the same geometry helpers (:func:`conv_geometry`), imported from here, so a
+forward run on one tier can be differentiated on the other.
 
 Shapes follow PyTorch: activations are NCHW, a conv weight is (out_channels, in_channels, kh, kw),
 a linear weight is (out_features, in_features).
@@ -23,10 +27,19 @@ on it; the fast tier does (see its docstring).
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from minisd.backend import array_module, is_device_array
 
 __all__ = [
+    "ConvCache",
+    "BatchNormCache",
+    "LinearCache",
+    "ShortcutCache",
+    "SoftmaxCrossEntropyCache",
+    "as_pair",
     "conv_output_size",
+    "conv_geometry",
     "im2col",
     "col2im",
     "conv2d_forward",
@@ -47,8 +60,8 @@ __all__ = [
 ]
 
 
-def _pair(v):
-    """An int or a pair of ints as a pair: 3 -> (3, 3), (3, 1) -> (3, 1)."""
+def as_pair(v) -> tuple[int, int]:
+    """An int or a pair of ints as a pair (height, width): 3 -> (3, 3), (3, 1) -> (3, 1)."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -69,9 +82,13 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, where: s
     return (padded - kernel) // stride + 1
 
 
-def _geometry(x_shape, kernel_size, stride, padding, where):
-    """(kh, kw, sh, sw, ph, pw, ho, wo) of a convolution over an (N, C, H, W) input."""
-    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride), _pair(padding)
+def conv_geometry(x_shape, kernel_size, stride, padding, where: str = "conv2d"):
+    """(kh, kw, sh, sw, ph, pw, ho, wo) of a convolution over an (N, C, H, W) input.
+
+    Kernel size, stride and padding may each be an int or a pair; ``where`` names the caller in
+    the error of :func:`conv_output_size`.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = as_pair(kernel_size), as_pair(stride), as_pair(padding)
     ho = conv_output_size(x_shape[2], kh, sh, ph, where)
     wo = conv_output_size(x_shape[3], kw, sw, pw, where)
     return kh, kw, sh, sw, ph, pw, ho, wo
@@ -94,7 +111,7 @@ def im2col(x, kernel_size, stride=1, padding=0):
     """
     xp = array_module(x)
     n, c = x.shape[0], x.shape[1]
-    kh, kw, sh, sw, ph, pw, ho, wo = _geometry(x.shape, kernel_size, stride, padding, "im2col")
+    kh, kw, sh, sw, ph, pw, ho, wo = conv_geometry(x.shape, kernel_size, stride, padding, "im2col")
     padded = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
     for i in range(kh):
@@ -112,7 +129,7 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
     padding is not an input, it has no gradient).
     """
     n, c, h, w = x_shape
-    kh, kw, sh, sw, ph, pw, ho, wo = _geometry(x_shape, kernel_size, stride, padding, "col2im")
+    kh, kw, sh, sw, ph, pw, ho, wo = conv_geometry(x_shape, kernel_size, stride, padding, "col2im")
     if cols.shape != (c * kh * kw, n * ho * wo):
         raise ValueError(f"col2im: expected cols of shape {(c * kh * kw, n * ho * wo)}, got {cols.shape}")
     xp = array_module(cols)
@@ -122,6 +139,16 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
         for j in range(kw):
             padded[:, :, i : i + sh * ho : sh, j : j + sw * wo : sw] += cols[:, i, j].transpose(1, 0, 2, 3)
     return padded[:, :, ph : ph + h, pw : pw + w].copy()
+
+
+class ConvCache(NamedTuple):
+    """What :func:`conv2d_backward` needs (x, not its columns: see :func:`conv2d_forward`)."""
+
+    x: Any              # (N, C, H, W)
+    weight: Any         # (O, C, kh, kw)
+    has_bias: bool      # whether backward returns a bias gradient
+    stride: Any         # an int or a pair, as the forward got it
+    padding: Any        # an int or a pair, as the forward got it
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
@@ -134,13 +161,13 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     The cache keeps x, not its columns (kh*kw times larger): backward unfolds x again.
     """
     out_channels, _, kh, kw = weight.shape
-    _, _, _, _, _, _, ho, wo = _geometry(x.shape, (kh, kw), stride, padding, "conv2d")
+    _, _, _, _, _, _, ho, wo = conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
     cols = im2col(x, (kh, kw), stride, padding)
     y = weight.reshape(out_channels, -1) @ cols
     if bias is not None:
         y += bias[:, None]
     y = y.reshape(out_channels, x.shape[0], ho, wo).transpose(1, 0, 2, 3)  # (N, O, Ho, Wo), a view
-    return y, (x, weight, bias is not None, stride, padding)
+    return y, ConvCache(x, weight, bias is not None, stride, padding)
 
 
 def conv2d_backward(dy, cache, input_grad=True):
@@ -179,6 +206,23 @@ def _per_channel(x):
     return (0,), (1, -1)
 
 
+class BatchNormCache(NamedTuple):
+    """What :func:`batch_norm_backward` and :func:`update_running_stats` need.
+
+    The centred input rather than x_hat (one multiplication away: x_hat = centered * inv_std), and
+    the statistics the forward normalised with: the batch's in training (the biased variance),
+    the running estimates in evaluation.
+    """
+
+    centered: Any       # x - mean, shaped as x: (N, C, H, W) or (N, C)
+    gamma: Any          # (C,)
+    inv_std: Any        # 1 / sqrt(var + eps), (C,)
+    training: bool      # batch statistics (they depend on x) or fixed running ones
+    x_shape: tuple
+    mean: Any           # (C,)
+    var: Any            # (C,)
+
+
 def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, training=True, eps=1e-5):
     """Batch normalisation over (N, H, W) per channel (over N for 2-D input).
 
@@ -188,7 +232,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, trai
 
     Training: mean and the *biased* variance of this batch (the cache keeps them, so the caller
     can update its running estimates with :func:`update_running_stats`). Evaluation: the running
-    estimates. The cache: (x - mean, gamma, 1/sqrt(var + eps), training, x.shape, mean, var).
+    estimates. The cache: a :class:`BatchNormCache`.
     """
     axes, col = _per_channel(x)
     if training:
@@ -200,7 +244,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, trai
     centered = x - mean.reshape(col)
     x_hat = centered * inv_std.reshape(col)
     y = gamma.reshape(col) * x_hat + beta.reshape(col)
-    return y, (centered, gamma, inv_std, training, x.shape, mean, var)
+    return y, BatchNormCache(centered, gamma, inv_std, training, x.shape, mean, var)
 
 
 def batch_norm_backward(dy, cache):
@@ -216,7 +260,7 @@ def batch_norm_backward(dy, cache):
 
     Evaluation (fixed statistics): dx = gamma / sqrt(var + eps) * dy.
     """
-    centered, gamma, inv_std, training, _, _, _ = cache
+    centered, gamma, inv_std, training = cache.centered, cache.gamma, cache.inv_std, cache.training
     axes, col = _per_channel(dy)
     x_hat = centered * inv_std.reshape(col)
     dbeta = dy.sum(axis=axes)
@@ -235,13 +279,13 @@ def update_running_stats(running_mean, running_var, cache, momentum=0.1):
     running = (1 - momentum) * running + momentum * batch_stat, with the *unbiased* batch variance
     (times M / (M - 1)) in the running variance. An evaluation cache changes nothing.
     """
-    _, _, _, training, x_shape, mean, var = cache
-    if not training:
+    if not cache.training:
         return
+    x_shape = cache.x_shape
     count = x_shape[0] * (x_shape[2] * x_shape[3] if len(x_shape) == 4 else 1)
-    unbiased = var * (count / max(count - 1, 1))
+    unbiased = cache.var * (count / max(count - 1, 1))
     running_mean *= 1.0 - momentum
-    running_mean += momentum * mean
+    running_mean += momentum * cache.mean
     running_var *= 1.0 - momentum
     running_var += momentum * unbiased
 
@@ -262,12 +306,20 @@ def relu_backward(dy, cache):
     return dy * cache
 
 
+class LinearCache(NamedTuple):
+    """What :func:`linear_backward` needs."""
+
+    x: Any              # (N, in_features)
+    weight: Any         # (out_features, in_features)
+    has_bias: bool
+
+
 def linear_forward(x, weight, bias=None):
     """y = x @ W^T + b.  x: (N, in), weight: (out, in), bias: (out,) -> y: (N, out)."""
     y = x @ weight.T
     if bias is not None:
         y += bias
-    return y, (x, weight, bias is not None)
+    return y, LinearCache(x, weight, bias is not None)
 
 
 def linear_backward(dy, cache):
@@ -293,11 +345,18 @@ def global_avg_pool_backward(dy, cache):
 # ----------------------------------------------------------------------------------------------
 
 
+class ShortcutCache(NamedTuple):
+    """What :func:`shortcut_backward` needs: where the kept pixels and channels came from."""
+
+    x_shape: tuple      # (N, C, H, W)
+    stride: int
+
+
 def shortcut_forward(x, out_channels, stride=2):
     """Subsample by ``stride`` and zero-pad the new channels (the paper's CIFAR shortcut, option A).
 
     x: (N, C, H, W) -> y: (N, out_channels, ceil(H/s), ceil(W/s)); y[:, :C] = x[:, :, ::s, ::s],
-    the remaining out_channels - C channels are zero. No parameters. The cache: (x.shape, stride).
+    the remaining out_channels - C channels are zero. No parameters. The cache: x's shape and the stride.
     """
     xp = array_module(x)
     n, c = x.shape[0], x.shape[1]
@@ -306,7 +365,7 @@ def shortcut_forward(x, out_channels, stride=2):
     sub = x[:, :, ::stride, ::stride]
     y = xp.zeros((n, out_channels) + sub.shape[2:], dtype=x.dtype)
     y[:, :c] = sub
-    return y, (x.shape, stride)
+    return y, ShortcutCache(x.shape, stride)
 
 
 def shortcut_backward(dy, cache):
@@ -321,6 +380,13 @@ def shortcut_backward(dy, cache):
 # ----------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------
+
+
+class SoftmaxCrossEntropyCache(NamedTuple):
+    """What :func:`softmax_cross_entropy_backward` needs."""
+
+    probs: Any          # softmax(logits), (N, K)
+    labels: Any         # (N,) integers in [0, K)
 
 
 def softmax_cross_entropy_forward(logits, labels):
@@ -356,13 +422,13 @@ def softmax_cross_entropy_forward(logits, labels):
     if on_device:
         outside = ((labels < 0) | (labels >= num_classes)).any()
         loss = xp.where(outside, xp.asarray(xp.nan, dtype=loss.dtype), loss)
-    return loss, (xp.exp(log_probs), labels)
+    return loss, SoftmaxCrossEntropyCache(xp.exp(log_probs), labels)
 
 
 def softmax_cross_entropy_backward(dloss, cache):
     """dlogits = dloss * (softmax(logits) - onehot(labels)) / N."""
-    xp = array_module(cache[0])
     probs, labels = cache
+    xp = array_module(probs)
     n = probs.shape[0]
     dlogits = probs.copy()
     dlogits[xp.arange(n), labels] -= 1

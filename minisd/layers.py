@@ -15,8 +15,8 @@ from collections import OrderedDict
 from typing import Iterator
 
 from minisd import backend
-from minisd import functional as F
 from minisd import kernels
+from minisd.functional import as_pair, conv_geometry
 
 __all__ = [
     "Module",
@@ -325,9 +325,9 @@ class Conv2d(Module):
         super().__init__()
         self.input_grad = bool(input_grad)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = F._pair(kernel_size)
-        self.stride = F._pair(stride)
-        self.padding = F._pair(padding)
+        self.kernel_size = as_pair(kernel_size)
+        self.stride = as_pair(stride)
+        self.padding = as_pair(padding)
         dtype = backend.resolve_dtype(dtype)
         rng = rng if rng is not None else backend.host_rng()
         kh, kw = self.kernel_size
@@ -346,14 +346,13 @@ class Conv2d(Module):
 
     def forward(self, x):
         self._check_input(x, 4, self.in_channels)
-        for axis, (k, s, p) in enumerate(zip(self.kernel_size, self.stride, self.padding)):
-            F.conv_output_size(x.shape[2 + axis], k, s, p, where=repr(self))
-        y, cache = kernels.current().conv2d_forward(x, self.params["weight"], self.params.get("bias"),
+        conv_geometry(x.shape, self.kernel_size, self.stride, self.padding, where=repr(self))  # checks the sizes
+        y, cache = kernels.current(x).conv2d_forward(x, self.params["weight"], self.params.get("bias"),
                                                     self.stride, self.padding)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        dx, dweight, dbias = kernels.current().conv2d_backward(dy, self._take(dy), input_grad=self.input_grad)
+        dx, dweight, dbias = kernels.current(dy).conv2d_backward(dy, self._take(dy), input_grad=self.input_grad)
         self._accumulate("weight", dweight)
         if dbias is not None:
             self._accumulate("bias", dbias)
@@ -389,17 +388,17 @@ class BatchNorm2d(Module):
             self._check_input(x, 4, self.num_features)
         if self.training and x.size // x.shape[1] < 2:
             raise ValueError(f"{self.describe()}: training needs more than one value per channel, got input of shape {x.shape}")
-        y, cache = kernels.current().batch_norm_forward(
+        pairs = kernels.current(x)
+        y, cache = pairs.batch_norm_forward(
             x, self.params["weight"], self.params["bias"],
             self.buffers["running_mean"], self.buffers["running_var"], self.training, self.eps,
         )
         if self.training:
-            kernels.current().update_running_stats(self.buffers["running_mean"], self.buffers["running_var"],
-                                                   cache, self.momentum)
+            pairs.update_running_stats(self.buffers["running_mean"], self.buffers["running_var"], cache, self.momentum)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        dx, dgamma, dbeta = kernels.current().batch_norm_backward(dy, self._take(dy))
+        dx, dgamma, dbeta = kernels.current(dy).batch_norm_backward(dy, self._take(dy))
         self._accumulate("weight", dgamma)
         self._accumulate("bias", dbeta)
         return dx
@@ -409,11 +408,11 @@ class ReLU(Module):
     """y = max(x, 0), element-wise, any shape."""
 
     def forward(self, x):
-        y, mask = kernels.current().relu_forward(x)
+        y, mask = kernels.current(x).relu_forward(x)
         return self._keep(mask, y)
 
     def backward(self, dy):
-        return kernels.current().relu_backward(dy, self._take(dy))
+        return kernels.current(dy).relu_backward(dy, self._take(dy))
 
 
 class Linear(Module):
@@ -441,11 +440,11 @@ class Linear(Module):
 
     def forward(self, x):
         self._check_input(x, 2, self.in_features, "(N, in_features)")
-        y, cache = kernels.current().linear_forward(x, self.params["weight"], self.params.get("bias"))
+        y, cache = kernels.current(x).linear_forward(x, self.params["weight"], self.params.get("bias"))
         return self._keep(cache, y)
 
     def backward(self, dy):
-        dx, dweight, dbias = kernels.current().linear_backward(dy, self._take(dy))
+        dx, dweight, dbias = kernels.current(dy).linear_backward(dy, self._take(dy))
         self._accumulate("weight", dweight)
         if dbias is not None:
             self._accumulate("bias", dbias)
@@ -457,8 +456,8 @@ class GlobalAvgPool2d(Module):
 
     def forward(self, x):
         self._check_input(x, 4)
-        y, cache = kernels.current().global_avg_pool_forward(x)
+        y, cache = kernels.current(x).global_avg_pool_forward(x)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        return kernels.current().global_avg_pool_backward(dy, self._take(dy))
+        return kernels.current(dy).global_avg_pool_backward(dy, self._take(dy))

@@ -119,11 +119,11 @@ class SubsampleZeroPad(Module):
 
     def forward(self, x):
         self._check_input(x, 4, self.in_channels)
-        y, cache = kernels.current().shortcut_forward(x, self.out_channels, self.stride)
+        y, cache = kernels.current(x).shortcut_forward(x, self.out_channels, self.stride)
         return self._keep(cache, y)
 
     def backward(self, dy):
-        return kernels.current().shortcut_backward(dy, self._take(dy))
+        return kernels.current(dy).shortcut_backward(dy, self._take(dy))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,16 +158,7 @@ class BasicBlock(Module):
     def __init__(self, in_channels, out_channels, stride=1, survival_prob=1.0, mode="batch", scale="eval",
                  shortcut="zero_pad", dtype=None, rng=None, gate_rng=None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"BasicBlock: unknown mode {mode!r}; expected one of {MODES}")
-        if scale not in SCALES:
-            raise ValueError(f"BasicBlock: unknown scale rule {scale!r}; expected one of {SCALES}")
-        if shortcut not in ("zero_pad", "projection"):
-            raise ValueError(f"BasicBlock: unknown shortcut {shortcut!r}; expected 'zero_pad' or 'projection'")
-        self.survival_prob = _check_probability(survival_prob, "BasicBlock")
-        if self.survival_prob == 0.0 and scale == "train":
-            raise ValueError("BasicBlock: survival_prob=0 with scale='train' would divide by zero; "
-                             "use scale='eval' or a positive survival probability")
+        self.survival_prob = self.check_settings(survival_prob, mode, scale, shortcut)
         self.in_channels, self.out_channels, self.stride = int(in_channels), int(out_channels), int(stride)
         self.mode, self.scale = mode, scale
         self.gate_rng = gate_rng if gate_rng is not None else backend.host_rng()
@@ -192,6 +183,21 @@ class BasicBlock(Module):
                 Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, dtype=dtype, rng=rng),
                 BatchNorm2d(out_channels, dtype=dtype),
             )
+
+    @staticmethod
+    def check_settings(survival_prob, mode, scale, shortcut) -> float:
+        """One-line ValueError for a bad setting (the PyTorch twin checks with this too); returns p."""
+        if mode not in MODES:
+            raise ValueError(f"BasicBlock: unknown mode {mode!r}; expected one of {MODES}")
+        if scale not in SCALES:
+            raise ValueError(f"BasicBlock: unknown scale rule {scale!r}; expected one of {SCALES}")
+        if shortcut not in ("zero_pad", "projection"):
+            raise ValueError(f"BasicBlock: unknown shortcut {shortcut!r}; expected 'zero_pad' or 'projection'")
+        p = _check_probability(survival_prob, "BasicBlock")
+        if p == 0.0 and scale == "train":
+            raise ValueError("BasicBlock: survival_prob=0 with scale='train' would divide by zero; "
+                             "use scale='eval' or a positive survival probability")
+        return p
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
@@ -247,27 +253,32 @@ class BasicBlock(Module):
 
     # ---- forward / backward -------------------------------------------------------------------
 
-    def forward(self, x):
-        self._check_input(x, 4, self.in_channels)
-        xp = backend.array_module(x)
-        s = self.shortcut(x)
+    def _decide(self, batch_size: int, parameter_free_shortcut: bool) -> tuple[bool, float]:
+        """The host-side decisions of one forward (the PyTorch twin makes them with this too):
+        draws the gate in training, sets ``gate``, ``branch_skipped`` and ``output_relu_skipped``,
+        and returns (run_branch, the multiplier of a kept branch)."""
         multiplier = self._branch_multiplier()
-        row_scale = None
         if self.training:
-            self.gate = self._draw_gate(x.shape[0])
-            if self.mode == "batch":
-                run_branch = self.gate
-            else:
-                run_branch = bool(self.gate.any())  # every sample dropped: skip the branch too
-                # One host-to-device copy of N numbers; the mask itself was decided on the host.
-                row_scale = xp.asarray(self.gate.astype(x.dtype) * x.dtype.type(multiplier))
-                row_scale = row_scale.reshape(-1, 1, 1, 1)
+            self.gate = self._draw_gate(batch_size)
+            # row mode: every sample dropped skips the branch too
+            run_branch = self.gate if self.mode == "batch" else bool(self.gate.any())
         else:
             self.gate = None
             run_branch = multiplier != 0.0  # p = 0 at test time with the paper's rule: f * 0
         self.branch_skipped = not run_branch
-        self.output_relu_skipped = (not run_branch and self.input_is_relu_output
-                                    and not isinstance(self.shortcut, Sequential))
+        self.output_relu_skipped = not run_branch and self.input_is_relu_output and parameter_free_shortcut
+        return run_branch, multiplier
+
+    def forward(self, x):
+        self._check_input(x, 4, self.in_channels)
+        xp = backend.array_module(x)
+        s = self.shortcut(x)
+        run_branch, multiplier = self._decide(x.shape[0], not isinstance(self.shortcut, Sequential))
+        row_scale = None
+        if self.training and self.mode == "row":
+            # One host-to-device copy of N numbers; the mask itself was decided on the host.
+            row_scale = xp.asarray(self.gate.astype(x.dtype) * x.dtype.type(multiplier))
+            row_scale = row_scale.reshape(-1, 1, 1, 1)
         if self.output_relu_skipped:
             # The dropped block of a network, for almost nothing. Its input x is a ReLU output,
             # so x >= 0, and the parameter-free shortcut (identity, or subsample and zero-pad)
@@ -279,10 +290,8 @@ class BasicBlock(Module):
             # gradient at this block's input differs, where x == 0 (a dead pixel), taking
             # ReLU'(0) = 1 there instead of 0 (both are subgradients); the ReLU before it zeroes
             # those entries. A standalone block (input_is_relu_output False, the default, as in
-            # the gradient checks, which feed negative inputs) keeps the ReLU.
-            # Measured (batch 128, 16 channels 32x32, forward + backward, gate forced off and on,
-            # interleaved, one run): a dropped block cost 2.9% of a kept one with the ReLU
-            # (2.68 / 93.5 ms), 0.03% without it (0.027 / 100 ms); at 64 channels 8x8 1.6% -> 0.04%.
+            # the gradient checks, which feed negative inputs) keeps the ReLU. The output ReLU was
+            # most of a dropped block's cost (measured: docs/performance.md#a-dropped-block-skips-its-output-relu).
             return self._keep((None, False, None, multiplier), s)  # no mask: no output ReLU
         if run_branch:
             # The branch's output (a fresh array from its last batch norm, whose cache keeps only
@@ -295,14 +304,14 @@ class BasicBlock(Module):
             z += s
         else:
             z = s
-        y, mask = kernels.current().relu_forward(z)
+        y, mask = kernels.current(z).relu_forward(z)
         return self._keep((mask, run_branch, row_scale, multiplier), y)
 
     def backward(self, dy):
         mask, ran_branch, row_scale, multiplier = self._take(dy)
         if mask is None:  # dropped, input known to be a ReLU output: no output ReLU (see forward)
             return self.shortcut.backward(dy)
-        dz = kernels.current().relu_backward(dy, mask)  # a new array: the dy we were given is never written
+        dz = kernels.current(dy).relu_backward(dy, mask)  # a new array: the dy we were given is never written
         dx = self.shortcut.backward(dz)
         if not ran_branch:
             # Dropped branch: its backward is never called; its parameters keep zero gradient.

@@ -11,11 +11,19 @@
     s.next_dropped()            # on to the next residual block whose branch was dropped
     s.view(phase="backward")    # visit backward events only ("forward", "both"); blocks_only=True
     s.widget()                  # in Jupyter: buttons, a slider, the phase filter, blocks only
+    s.to_html("step.html")      # the same controls in one static page (minisd.stepper_html)
 
 One numbering scheme: the walk (by default the layers that compute and the residual blocks, in the
-order they ran: forward, then backward) is numbered 1..M once. Filters hide steps but never
-renumber them, so "step 170 of 328" names the same event in every view, in the text, on the
-slider and in the picture's title.
+order they ran: forward, then backward) is numbered 1..M once, as ``t.table()`` numbers its rows.
+Filters hide steps but never renumber them, so "step 170 of 328" names the same event in every
+view, in the text, on the slider, in the picture's title and in row 170 of the table. Residual
+blocks are numbered l = 1..L as in the paper's p_l = 1 - l/L (1 - p_L), in the text and on the map.
+
+Colours: by default each step's picture has its own colour scale (``scale="layer"``), so every
+array shows its pattern, whatever its size; the colour bar gives the values. ``scale="stage"``
+shares one scale per stage and kind (activations, gradients), and ``scale="shared"`` one per kind
+for the whole walk, to compare magnitudes (small arrays then look faint). The text and the colour
+bar say which scale a picture uses.
 
 Where things live: :mod:`minisd.trace` records (and knows nothing of pictures),
 :mod:`minisd.plots.trace_drawings` draws (:func:`~minisd.plots.stepper_frame`: the event beside
@@ -31,7 +39,7 @@ import threading
 from collections import OrderedDict
 
 from minisd.plots import trace_drawings
-from minisd.trace import PHASES, Trace, filter_events
+from minisd.trace import PHASES, Trace
 
 __all__ = ["Stepper"]
 
@@ -64,6 +72,8 @@ class Stepper:
     show the norms). which: "layers" (leaf layers and residual blocks, the default) or "all"
     (containers too). phase: "both", "forward" or "backward"; blocks_only: visit the residual
     blocks only. draw: build pictures (False: text only). max_channels: channels per picture.
+    scale: the arrays' colour scale, "layer" (each step its own, the default), "stage" (one per
+    stage and kind) or "shared" (one per kind for the whole walk).
 
     ``step()``, ``back()``, ``go(n)`` and ``next_dropped()`` move and show the new position once
     (print the text; in a notebook also the picture) and return None, so a call as a cell's last
@@ -71,18 +81,22 @@ class Stepper:
     """
 
     def __init__(self, trace: Trace, which: str = "layers", phase: str = "both", blocks_only: bool = False,
-                 draw: bool = True, max_channels: int = 8):
+                 draw: bool = True, max_channels: int = 8, scale: str = "layer"):
         if which not in ("layers", "all"):
             raise ValueError(f"Stepper: which must be 'layers' or 'all', got {which!r}")
+        if scale not in trace_drawings.SCALES:
+            raise ValueError(f"Stepper: scale must be one of {', '.join(trace_drawings.SCALES)}, got {scale!r}")
         self.trace = trace
         self.which = which
-        self.walk = filter_events(trace.events, which)
+        self.scale = scale
+        self.walk = trace.steps(which)
         self.draw = bool(draw)
         self.max_channels = int(max_channels)
         self.position = -1  # index into self.walk; -1 before the first step
         self.phase, self.blocks_only = "both", False
         self.view(phase=phase, blocks_only=blocks_only, show=False)
-        self._limits = self._map = None  # the shared colour scales and the network map: at the first picture
+        self._limits = None  # the colour scales: at the first picture
+        self._maps = {}      # the network map of each phase, drawn once: at the first picture of that phase
         self._pngs: OrderedDict[int, bytes] = OrderedDict()   # recent frames, for quick back-and-forth
         self._lock = threading.RLock()  # widget callbacks may arrive on several threads at once
         self._prefetching = False
@@ -209,25 +223,62 @@ class Stepper:
         return f"step {i + 1} of {len(self.walk)}"
 
     def text(self, number: int | None = None) -> str:
-        """The words for a step (default: the current one): its number, then what the event did."""
+        """The words for a step (default: the current one): its number, what the event did, and
+        which colour scale its picture uses."""
         i = self._index(number)
-        return self.heading(i + 1) + "   " + self.walk[i].describe()
+        other = ("scale='shared' compares magnitudes across the walk" if self.scale != "shared"
+                 else "scale='layer' gives each picture its own scale")
+        return (self.heading(i + 1) + "   " + self.walk[i].describe()
+                + f"\n    colours: {self.color_scale(i + 1)[1]} (Stepper(t, {other}))")
+
+    def stage_of(self, event) -> str:
+        """The colour-scale group of an event: "stem", "head", or the stage of its residual block
+        named by its blocks' numbers ("blocks l = 19-36")."""
+        if event.block is None:
+            region = self.trace.place(event).region
+            return region if region in ("stem", "head") else "the whole network"
+        if self._stages is None:
+            self._stages = {}
+            for stage, ks in trace_drawings.network_data(self.trace)["stages"]:
+                for k in ks:
+                    self._stages[k + 1] = f"blocks l = {ks[0] + 1}-{ks[-1] + 1}"
+        return self._stages[event.block]
+
+    _stages = None
 
     def color_limits(self) -> dict:
-        """The shared colour scales: {"activation": a, "gradient": g} over every step of the walk."""
+        """The colour scales of the walk: {kind: limit} with ``scale="shared"``, {(kind, stage):
+        limit} with ``scale="stage"`` (see :func:`minisd.plots.trace_color_limits`), {} with "layer"."""
         if self._limits is None:
-            self._limits = trace_drawings.trace_color_limits(self.walk, self.max_channels)
+            if self.scale == "layer":
+                self._limits = {}
+            else:
+                group = self.stage_of if self.scale == "stage" else None
+                self._limits = trace_drawings.trace_color_limits(self.walk, self.max_channels, group=group)
         return self._limits
+
+    def color_scale(self, number: int | None = None) -> tuple:
+        """(limit, scope) of a step's picture: the values drawn span [-limit, limit] (None: the
+        step's own largest value), and ``scope`` names that scale for the colour bar."""
+        event = self.walk[self._index(number)]
+        kind = trace_drawings.array_kind(event)
+        if self.scale == "layer":
+            return None, "this layer's own scale"
+        if self.scale == "shared":
+            return self.color_limits()[kind], "one scale for all steps"
+        stage = self.stage_of(event)
+        return self.color_limits()[kind, stage], f"one scale per stage: {stage}"
 
     def figure(self, number: int | None = None):
         """The picture of a step (default: the current one) as a matplotlib Figure."""
         i = self._index(number)
+        event = self.walk[i]
         with self._lock:
-            limits = self.color_limits()
-            if self._map is None:
-                self._map = trace_drawings.NetworkRaster(self.trace)  # the map drawn once; each frame marks its place
-            return trace_drawings.stepper_frame(self.trace, self.walk[i], self.heading(i + 1), limits, self.max_channels,
-                                       raster=self._map)
+            limit, scope = self.color_scale(i + 1)
+            if event.phase not in self._maps:  # the map drawn once per phase; each frame marks its place
+                self._maps[event.phase] = trace_drawings.NetworkRaster(self.trace, phase=event.phase)
+            return trace_drawings.stepper_frame(self.trace, event, self.heading(i + 1), limit, scope,
+                                                self.max_channels, raster=self._maps[event.phase])
 
     def png(self, number: int | None = None) -> bytes:
         """The picture of a step as PNG bytes (the last few are kept, so going back is instant)."""
@@ -271,6 +322,15 @@ class Stepper:
         where = f"step {self.number} of {len(self.walk)}" if self.position >= 0 else f"{len(self.walk)} steps, not started"
         view = ("both phases" if self.phase == "both" else f"{self.phase} only") + (", blocks only" if self.blocks_only else "")
         return f"<Stepper: {where}; view: {view}; step(), back(), go(n), next_dropped(), view(...), widget()>"
+
+    def to_html(self, path=None, max_frames: int | None = 80, dpi: int = 60, colors: int = 128,
+                title: str | None = None):
+        """The walk as one self-contained HTML page: no kernel, no network (see :mod:`minisd.stepper_html`
+        for what is pre-rendered). Returns the page as a string, or writes it to ``path`` and returns the path."""
+        from minisd import stepper_html  # noqa: PLC0415
+
+        page = stepper_html.build_page(self, max_frames=max_frames, dpi=dpi, colors=colors, title=title)
+        return page if path is None else stepper_html.write_page(page, path)
 
     # ---- the widget --------------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ class Event:
     phase: str                    # "forward" or "backward"
     depth: int                    # nesting level (0: the model, 1: its children, ...)
     is_leaf: bool                 # a module without sub-modules
+    block: int | None = None      # l = 1..L of the residual block the call belongs to (None outside
+                                  # blocks): the paper's numbering, p_l = 1 - l/L (1 - p_L)
     in_shape: tuple = ()
     out_shape: tuple = ()
     in_norm: float = math.nan
@@ -75,7 +77,7 @@ class Event:
     relu_skipped: bool | None = None  # blocks: True if the output ReLU was skipped too (x >= 0 known)
     survival_prob: float | None = None
     grad_norm: float | None = None  # backward of a module with parameters: norm of its own grads after
-    kernels: str = ""             # the kernel tier in force for this call: "fast" or "reference"
+    kernels: str = ""             # the kernel tier that ran this call: "fast" or "reference" (kernels.running)
     in_array: numpy.ndarray | None = field(default=None, repr=False)   # keep_arrays=True only
     out_array: numpy.ndarray | None = field(default=None, repr=False)  # keep_arrays=True only
 
@@ -98,11 +100,16 @@ class Event:
         d["label"] = self.label
         return d
 
+    @property
+    def where(self) -> str:
+        """The module and, inside a residual block, the block's number: "block l = 26: layer3.7.branch.0"."""
+        return f"block l = {self.block}: {self.label}" if self.block is not None else self.label
+
     def describe(self) -> str:
         """A few lines in words: what went in and out, and for a residual block what its gate did."""
         what_in, what_out = (("input x", "output y") if self.phase == "forward"
                              else ("incoming grad dL/dy", "outgoing grad dL/dx"))
-        lines = [f"{self.phase} {self.label}  ({self.kind})"]
+        lines = [f"{self.phase} {self.where}  ({self.kind})"]
         if self.gate is not None:
             lines.append("    " + _gate_sentence(self))
         lines.append(f"    {what_in:<20} shape {str(self.in_shape):<18} norm {self.in_norm:10.4g}  "
@@ -201,6 +208,14 @@ class Trace:
         self.keep_arrays = bool(keep_arrays)
         self.events: list[Event] = []
         self.names = {id(m): n for n, m in model.named_modules()}
+        # l = 1..L for every module inside a residual block (the block itself included), from the
+        # order of model.blocks: a name belongs to the block whose name is its longest prefix.
+        number = {name: l for l, name in enumerate(self.block_names, start=1)}
+        self.block_of = {}
+        for n in self.names.values():
+            parts = n.split(".") if n else []
+            prefixes = (".".join(parts[:k]) for k in range(len(parts), -1, -1))
+            self.block_of[n] = next((number[p] for p in prefixes if p in number), None)
         self._depth = 0
         self._overhead = 0.0  # seconds spent in bookkeeping, subtracted from the parents' times
         self._installed: list = []
@@ -219,7 +234,8 @@ class Trace:
                 return original(arg)
             start_bookkeeping = time.perf_counter()
             event = Event(index=len(trace.events), name=name, kind=type(module).__name__, phase=phase,
-                          depth=depth_of, is_leaf=leaf, kernels=kernels.active())
+                          depth=depth_of, is_leaf=leaf, block=trace.block_of.get(name),
+                          kernels=kernels.running(arg))
             trace.events.append(event)
             event.in_shape = tuple(getattr(arg, "shape", ()))
             event.in_norm, event.in_mean, event.in_std = array_stats(arg)
@@ -344,30 +360,31 @@ class Trace:
             return Place("model")
         return Place("stem" if mine < first else "head")
 
-    def gradient_at_block_inputs(self) -> list[float]:
-        """Norm of dL/dx at each block's input (the block's outgoing gradient in backward)."""
-        return [e.out_norm for e in self.block_events("backward")]
-
-    def total_seconds(self, phase: str) -> float:
-        """Time of the outermost calls of a phase (the model's own forward or backward)."""
-        top = min((e.depth for e in self.select(phase=phase)), default=0)
-        return float(sum(e.seconds for e in self.select(phase=phase) if e.depth == top))
-
     @property
     def kernels(self) -> str:
         """The kernel tier that ran the recorded calls: "fast", "reference", or "mixed"."""
         tiers = {e.kernels for e in self.events}
         return tiers.pop() if len(tiers) == 1 else ("mixed" if tiers else "")
 
-    def table(self, phase: str | None = None, which: str = "all", max_rows: int | None = None) -> str:
+    def steps(self, which: str = "layers") -> list[Event]:
+        """The events a :class:`~minisd.stepper.Stepper` with the same ``which`` walks, in order:
+        step n is ``steps(which)[n - 1]``, in the stepper's text and in :meth:`table` alike."""
+        return filter_events(self.events, which)
+
+    def table(self, phase: str | None = None, which: str = "layers", max_rows: int | None = None) -> str:
         """A plain-text table, one row per event (nested names indented), under a line that names
         the kernel tier that ran them.
 
-        which: "all" events, "layers" (the layers that compute: leaf modules, plus the residual
-        blocks where the gate is) or "blocks" (residual blocks only).
+        which: "layers" (the layers that compute: leaf modules, plus the residual blocks where the
+        gate is; the stepper's default), "all" events (containers too) or "blocks" (residual blocks
+        only). The first column is the step number, as ``Stepper(t, which=...)`` numbers the same
+        event (a phase filter hides rows, never renumbers them); the column ``l`` is the residual
+        block (1..L, the paper's numbering) an event belongs to.
         """
-        rows = filter_events(self.select(phase=phase), which)
-        header = (f"{'#':>4} {'phase':<8} {'layer':<28} {'kind':<16} {'in shape':<16} {'out shape':<16} "
+        walk = self.steps("layers" if which == "blocks" else which)
+        number = {id(e): n for n, e in enumerate(walk, start=1)}
+        rows = [e for e in filter_events(walk, which) if phase is None or e.phase == phase]
+        header = (f"{'step':>4} {'phase':<8} {'l':>3} {'layer':<28} {'kind':<16} {'in shape':<16} {'out shape':<16} "
                   f"{'|in|':>10} {'|out|':>10} {'ms':>8}  gate")
         lines = [f"kernels: {self.kernels} tier", header, "-" * len(header)]
         shown = rows if max_rows is None else rows[:max_rows]
@@ -377,7 +394,8 @@ class Trace:
                 gate = e.gate if e.gate != "rows" else f"rows {e.kept_fraction:.0%}"
                 gate += " (skipped)" if e.skipped else ""
             label = ("  " * max(0, e.depth - 1) + e.label)[:28]
-            lines.append(f"{e.index:>4} {e.phase:<8} {label:<28} {e.kind[:16]:<16} {str(e.in_shape)[:16]:<16} "
+            l = "" if e.block is None else e.block
+            lines.append(f"{number[id(e)]:>4} {e.phase:<8} {l:>3} {label:<28} {e.kind[:16]:<16} {str(e.in_shape)[:16]:<16} "
                          f"{str(e.out_shape)[:16]:<16} {e.in_norm:>10.4g} {e.out_norm:>10.4g} "
                          f"{e.seconds * 1e3:>8.3f}  {gate}")
         if max_rows is not None and len(rows) > max_rows:

@@ -5,9 +5,12 @@ process runs on (``MINISD_BACKEND=numpy``, ``cupy-names`` or ``cupy``), and comp
 :func:`host` (``backend.to_numpy``). So the same test files run unchanged on every backend.
 
 The oracles below are deliberately naive (Python loops straight from the definitions): they are
-slow and obviously right, and the fast kernels in ``minisd.functional`` are checked against them.
+slow and obviously right, and both kernel tiers (the reference, ``minisd.functional``, and the
+fast tier, ``minisd.kernels.fast``) are checked against them.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -150,3 +153,83 @@ def assert_check(result):
     assert result.passed, result.report()
     assert result.errors, "the check compared nothing"
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Headless Chromium (tests/test_browser.py, tests/test_stepper_html.py, tests/test_book.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def browser_missing(modules=("selenium",)) -> list[str]:
+    """What a real-browser test lacks: Debian's chromium and chromium-driver, and Python ``modules``."""
+    import importlib.util  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    missing = [name for name, program in (("chromium", "chromium"), ("chromium-driver", "chromedriver"))
+               if not (shutil.which(program) or (program == "chromium" and shutil.which("chromium-browser")))]
+    return missing + [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def skip_without_browser(modules=("selenium",), what="browser test", extra="browser") -> None:
+    """Skip the calling test module in one line when a browser test cannot run (fail instead under
+    MINISD_REQUIRE_BROWSER=1, as .ci/run sets)."""
+    import os  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    missing = browser_missing(modules)
+    if not missing:
+        return
+    reason = (f"{what} needs chromium, chromium-driver and the '{extra}' extra (missing: {', '.join(missing)}); "
+              "see README, 'Run the tests'")
+    if os.environ.get("MINISD_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+@contextlib.contextmanager
+def chromium(root: str, network_log: bool = False):
+    """Headless Chromium under Selenium, its profile in ``root`` (a context manager). network_log:
+    keep the DevTools network events (read them with :func:`requested_urls`)."""
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from selenium import webdriver  # noqa: PLC0415
+    from selenium.webdriver.chrome.options import Options  # noqa: PLC0415
+    from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
+
+    options = Options()
+    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", f"--user-data-dir={os.path.join(root, '.chromium')}",
+                     "--window-size=1600,1400", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    if network_log:
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def requested_urls(driver) -> list[str]:
+    """Every URL our pages asked for since the last call (DevTools ``Network.requestWillBeSent``),
+    leaving out the browser's own start page (``chrome://`` documents), which loads before ours."""
+    import json  # noqa: PLC0415
+
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            params = message["params"]
+            if not params.get("documentURL", "").startswith("chrome://"):
+                urls.append(params["request"]["url"])
+    return urls
+
+
+def non_white_share(image) -> float:
+    """The share of pixels of a PIL image that are drawn (not near white)."""
+    rgb = np.asarray(image.convert("RGB"))
+    return float((rgb.min(axis=2) < 235).mean())

@@ -54,10 +54,8 @@ if _missing():
     pytest.skip(_reason, allow_module_level=True)
 
 import nbformat  # noqa: E402
+from helpers import chromium, non_white_share  # noqa: E402
 from PIL import Image  # noqa: E402
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
@@ -115,22 +113,6 @@ def jupyter_lab(root: str):
             server.kill()
             server.wait(10)
         log.close()
-
-
-@contextlib.contextmanager
-def chromium(root: str):
-    options = Options()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", f"--user-data-dir={os.path.join(root, '.chromium')}",
-                     "--window-size=1600,1400", "--force-device-scale-factor=1"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 KERNEL_STATUS = """
@@ -228,13 +210,6 @@ def bring_into_view(driver):
         return in_view[-2:] == [True, True]
 
     wait_for(driver, settled, 30, "the stepper widget to scroll into view")
-
-
-def non_white_share(image) -> float:
-    import numpy as np
-
-    rgb = np.asarray(image.convert("RGB"))
-    return float((rgb.min(axis=2) < 235).mean())
 
 
 def heading(text: str) -> str:

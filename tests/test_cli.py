@@ -355,3 +355,40 @@ def test_a_bad_minisd_kernels_gives_one_line_and_kernels_option_overrides_it(mon
     assert "MINISD_KERNELS: unknown tier 'quick'; expected one of reference, fast" in line
     assert cli.main(["gradcheck", "--depth", "8", "--kernels", "reference"]) == 0
     assert "reference kernels" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points: python -m minisd, --version
+# ------------------------------------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version(capsys):
+    import importlib.metadata  # noqa: PLC0415
+
+    import minisd  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"minisd {minisd.__version__}"
+    assert minisd.__version__ == importlib.metadata.version("minisd")  # the installed distribution's
+
+
+def test_python_dash_m_minisd_is_the_minisd_command(tmp_path):
+    """``python -m minisd`` parses, answers and fails as ``minisd`` does (exit codes included)."""
+    import minisd  # noqa: PLC0415
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+        os.path.abspath(minisd.__file__))), os.environ.get("PYTHONPATH")])))
+
+    def module_run(*args):
+        return subprocess.run([sys.executable, "-m", "minisd", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+
+    version = module_run("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"minisd {minisd.__version__}")
+    usage = module_run("--help")
+    assert usage.returncode == 0 and usage.stdout == cli.build_parser().format_help()
+    wrong = module_run("train", "--depth", "7")
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in wrong.stderr and "--depth" in wrong.stderr

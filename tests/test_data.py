@@ -71,6 +71,45 @@ def test_digits_shapes_split_and_normalisation():
     assert ds.flip is False and ds.translate == 1  # a flipped digit is another symbol
 
 
+def test_packaged_digits_equal_scikit_learns():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn not installed (optional)")
+    bunch = sklearn_datasets.load_digits()
+    images, labels = data.read_digits_file()
+    assert images.dtype == np.uint8 and images.shape == (1797, 8, 8) and labels.dtype == np.int64
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+
+
+def test_digits_split_is_the_one_scikit_learns_copy_gave():
+    """The split and normalisation made from scikit-learn's float64 copy (as load_digits did before
+    the digits were packaged): the same images, in the same order, to the bit."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn not installed (optional)")
+    bunch = sklearn_datasets.load_digits()
+    tr, va, te = data._split_indices(1797, 180, 360, 0)
+    images = bunch.data.reshape(-1, 1, 8, 8)
+    (xtr, xva, xte), mean, std = data._normalise(images[tr], images[va], images[te])
+    ds = data.load_digits()
+    for split, x, idx in ((ds.train, xtr, tr), (ds.val, xva, va), (ds.test, xte, te)):
+        assert split.x.tobytes() == x.tobytes()
+        np.testing.assert_array_equal(split.y, bunch.target[idx])
+    assert ds.mean.tobytes() == mean.tobytes() and ds.std == std
+
+
+def test_digits_load_without_scikit_learn_or_scipy():
+    """A fresh interpreter in which importing scikit-learn or SciPy fails still loads the digits."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = ("import sys\n"
+            "for name in ('sklearn', 'scipy'): sys.modules[name] = None  # any import of them raises\n"
+            "from minisd import data\n"
+            "ds = data.load_digits()\n"
+            "print(len(ds.train), len(ds.val), len(ds.test), int(ds.test.y[:20].sum()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    ds = data.load_digits()
+    assert out == [str(v) for v in (1257, 180, 360, int(ds.test.y[:20].sum()))]
+
+
 def test_digits_split_is_fixed_and_disjoint():
     a, b = data.load_digits(), data.load_digits()
     np.testing.assert_array_equal(a.test.x, b.test.x)

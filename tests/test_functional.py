@@ -175,8 +175,8 @@ def test_batch_norm_training_forward_matches_formula(rng, shape):
     y_ref, bmean, bvar, _ = batch_norm_naive(x, gamma, beta, 1e-5)
     np.testing.assert_allclose(host(y), y_ref, rtol=1e-10, atol=1e-12)
     # the cache carries the batch mean and the biased variance (for the running estimates)
-    np.testing.assert_allclose(host(cache[5]), bmean, rtol=1e-12)
-    np.testing.assert_allclose(host(cache[6]), bvar, rtol=1e-12)
+    np.testing.assert_allclose(host(cache.mean), bmean, rtol=1e-12)
+    np.testing.assert_allclose(host(cache.var), bvar, rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 2, 3), (6, 3)], ids=["NCHW", "NC"])

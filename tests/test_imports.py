@@ -14,7 +14,10 @@ with a literal name. Its own tests plant bad source and require it to complain.
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -32,15 +35,19 @@ NUMPY_ALLOWED = {
     "models.py": "seeded host generators for initial weights and the gate stream; host means of gates",
     "data.py": "datasets are loaded, decoded and shuffled on the host before backend.to_device",
     "training/": "metrics from to_numpy values and .npz checkpoints are host-side",
+    "ensemble.py": "compares softmax outputs on the host in float64; gates of the sampled sub-networks come "
+                   "from a seeded host generator, as in training",
     "trace.py": "records to_numpy summaries of what each layer did, for teaching",
     "plots/": "matplotlib takes host arrays",
-    "exercises.py": "checks students' answers on small host float64 problems against the reference and finite "
-                    "differences",
+    "exercises/": "checks students' answers on small host float64 problems against the reference and finite "
+                  "differences",
     "cli.py": "prints and saves host-side results",
     "bench/timing.py": "benchmarks time the NumPy (CPU) path against PyTorch CPU: host random images, "
                        "made once for both",
     "bench/parts.py": "times single CPU layers and blocks on host arrays laid out as the fast tier keeps them",
     "bench/torch_resnet.py": "PyTorch's gates are drawn from a seeded host generator, as minisd's are",
+    "interop.py": "tensors cross to PyTorch as host NumPy arrays; the twin draws its gates from a NumPy "
+                  "generator, as residual.py does",
 }
 ARRAY_TOP_LEVEL = {"numpy", "cupy", "cupyx"}
 
@@ -161,3 +168,38 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {str(p.parent.relative_to(root)).replace("/", ".") for p in PACKAGE.rglob("__init__.py")}
     assert found == listed
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch stays optional
+# ------------------------------------------------------------------------------------------------
+
+# Imports every module of the package but the PyTorch bridge, then names the torch modules loaded.
+_IMPORT_ALL = """
+import importlib, pkgutil, sys
+import minisd
+names = [m.name for m in pkgutil.walk_packages(minisd.__path__, "minisd.") if m.name != "minisd.interop"]
+for name in names:
+    importlib.import_module(name)
+assert len(names) >= 15, names
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_importing_minisd_never_imports_torch():
+    """PyTorch is an optional extra (minisd.interop needs it): no other module may load it, even
+    where it is installed, so `import minisd` stays fast and works without it."""
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+    done = subprocess.run([sys.executable, "-c", _IMPORT_ALL], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"modules of minisd imported PyTorch: {done.stdout.strip()}"
+
+
+def test_the_torch_import_check_sees_torch_when_a_module_imports_it():
+    """The check above can fail: with the bridge imported too, torch shows up."""
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+    code = _IMPORT_ALL.replace('if m.name != "minisd.interop"', "")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "'torch'" in done.stdout

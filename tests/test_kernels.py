@@ -114,12 +114,13 @@ def test_minisd_kernels_environment_variable_chooses_the_tier(value, expected):
 
 
 def test_reference_file_has_no_speed_machinery():
-    """functional.py is the textbook: it imports only the backend (no threads, no workspace), and
-    no name in it speaks of threads, scratch buffers or chunks."""
+    """functional.py is the textbook: it imports only the backend (and typing, for its cache
+    records; no threads, no workspace), and no name in it speaks of threads, scratch buffers or
+    chunks."""
     tree = ast.parse(open(functional.__file__).read())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert imported == {"__future__", "minisd.backend"}
+    assert imported == {"__future__", "typing", "minisd.backend"}
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     names |= {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     assert not [n for n in names if any(w in n.lower() for w in ("thread", "scratch", "chunk", "workspace"))]
@@ -298,6 +299,30 @@ def test_a_forward_on_one_tier_is_differentiated_on_the_other(rng, forward_tier,
     for what, a, b in zip(("dy", "dgamma", "dbeta", "dx", "dW"), mixed, same):
         if b is not None:
             assert_same(a, b, what, rel=1e-11)
+
+
+def test_both_tiers_hand_out_the_same_named_cache_records(rng):
+    """The caches are the records of minisd/kernels/functional.py on both tiers, field for field."""
+    x = dev(rng.standard_normal((2, 3, 6, 5)))
+    w = dev(rng.standard_normal((4, 3, 3, 3)))
+    gamma, beta = dev(rng.standard_normal(3)), dev(rng.standard_normal(3))
+    logits, labels = dev(rng.standard_normal((2, 5))), dev(np.array([1, 4]))
+    records = [
+        (functional.ConvCache, lambda m: m.conv2d_forward(x, w, None, 2, 1)),
+        (functional.BatchNormCache, lambda m: m.batch_norm_forward(x, gamma, beta)),
+        (functional.LinearCache, lambda m: m.linear_forward(x[:, :, 0, :].reshape(2, 15), w.reshape(4, 27)[:, :15])),
+        (functional.ShortcutCache, lambda m: m.shortcut_forward(x, 6, 2)),
+        (functional.SoftmaxCrossEntropyCache, lambda m: m.softmax_cross_entropy_forward(logits, labels)),
+    ]
+    for record, forward in records:
+        (_, cache_f), (_, cache_r) = forward(fast), forward(functional)
+        assert type(cache_f) is record and type(cache_r) is record, record.__name__
+        for field in record._fields:
+            a, b = getattr(cache_f, field), getattr(cache_r, field)
+            if hasattr(b, "shape") and b.shape:
+                assert_same(a, b, f"{record.__name__}.{field}")
+            else:
+                assert a == b, f"{record.__name__}.{field}: {a!r} vs {b!r}"
 
 
 @pytest.mark.parametrize("tier", ["reference", "fast"])
@@ -492,22 +517,44 @@ def test_a_standalone_dropped_block_keeps_its_output_relu(rng):
     np.testing.assert_array_equal(host(block.backward(dev(dy_host))), dy_host * (x_host > 0))
 
 
-def test_device_arrays_run_the_reference_pairs(rng, monkeypatch):
-    """On a GPU the fast tier hands every pair to its reference twin (the CPU tricks launch more
-    kernels there): with arrays that count as device arrays, the reference runs."""
-    called = []
-    for name in ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"):
-        original = getattr(functional, name)
-        monkeypatch.setattr(functional, name, lambda *a, _f=original, _n=name, **k: called.append(_n) or _f(*a, **k))
-    x = rng.standard_normal((2, 3, 6, 6))  # NumPy arrays on any backend: host arrays
-    w = rng.standard_normal((4, 3, 3, 3))
-    y, cache = fast.conv2d_forward(x, w, None, 1, 1)
-    assert called == []  # host arrays: the fast path
-    monkeypatch.setattr(fast, "is_device_array", lambda a: True)
-    y, cache = fast.conv2d_forward(x, w, None, 1, 1)
-    fast.conv2d_backward(np.ones(y.shape), cache)
-    fast.batch_norm_forward(y, np.ones(4), np.zeros(4))
-    fast.relu_forward(y)
-    fast.shortcut_forward(x, 6, 2)
-    assert called == ["conv2d_forward", "conv2d_backward", "batch_norm_forward", "relu_forward", "shortcut_forward"]
-    assert fast.conv2d_forward.__name__ == "conv2d_forward" and "cross-correlation" in fast.conv2d_forward.__doc__
+def _as_if_on_a_gpu(monkeypatch):
+    """Make the kernels package take every array for a device array (there is no GPU here): the
+    tier switch and the chunking decide as on a GPU, while the arithmetic stays NumPy's."""
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[:2] == ["minisd", "kernels"] and \
+                getattr(module, "is_device_array", None) is backend.is_device_array:
+            monkeypatch.setattr(module, "is_device_array", lambda a: True)
+
+
+def test_on_a_gpu_the_reference_runs_and_the_trace_records_the_tier_that_ran(rng, monkeypatch):
+    """With "fast" chosen, device arrays run the reference pairs (the CPU tricks launch more
+    kernels on a GPU), and a trace says "reference": the tier that ran, not the one chosen."""
+    from minisd import trace
+
+    ran = []
+    for tier_name, module in (("fast", fast), ("reference", functional)):
+        for pair in ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "batch_norm_backward",
+                     "relu_forward", "relu_backward", "shortcut_forward", "shortcut_backward"):
+            original = getattr(module, pair)
+            monkeypatch.setattr(module, pair, lambda *a, _f=original, _t=tier_name, **k: ran.append(_t) or _f(*a, **k))
+    model = models.resnet_cifar(depth=8, in_channels=1, seed=0).to("numpy")
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+
+    def traced_step():
+        with trace.record(model) as t:
+            logits = model(x)
+            model.backward(np.ones_like(logits))
+        return t
+
+    with kernels.use("fast"):
+        on_the_host = traced_step()
+        assert set(ran) == {"fast"} and on_the_host.kernels == "fast" and kernels.running(x) == "fast"
+        ran.clear()
+        _as_if_on_a_gpu(monkeypatch)
+        on_a_gpu = traced_step()
+        assert kernels.active() == "fast" and kernels.running(x) == "reference"
+    assert set(ran) == {"reference"}
+    assert on_a_gpu.kernels == "reference" and {e.kernels for e in on_a_gpu.events} == {"reference"}
+    assert on_a_gpu.table().splitlines()[0] == "kernels: reference tier"
+    with kernels.use("reference"):  # the reference runs everywhere
+        assert kernels.running(x) == "reference" and kernels.current(x) is functional

@@ -112,3 +112,12 @@ def test_the_paper_claims_notebook_is_stored_from_the_full_setting():
     nb = nbformat.read(path, as_version=4)
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "setting: full" in printed and "setting: quick" not in printed
+
+
+@pytest.mark.parametrize("path", PATHS, ids=os.path.basename)
+def test_a_notebooks_title_carries_its_file_number(path):
+    """Notebook NN_name.ipynb opens with "# N. ...", so the number a reader sees is the one the
+    README, the syllabus and the other notebooks use."""
+    number = int(os.path.basename(path).split("_")[0])
+    first = _cells(path)[0]
+    assert first.cell_type == "markdown" and first.source.startswith(f"# {number}. "), first.source[:60]

@@ -305,10 +305,10 @@ def test_branch_gradient_norms_figure(tmp_path, no_pyplot_figures):
     fig = plots.branch_gradient_norms(model, save=tmp_path / "b.png")
     (ax,) = fig.axes
     (bars,) = ax.containers
-    assert [round(p.get_x() + p.get_width() / 2) for p in bars] == [0, 2, 3, 5]   # bars: the kept blocks
+    assert [round(p.get_x() + p.get_width() / 2) for p in bars] == [1, 3, 4, 6]   # bars: the kept blocks l
     assert all(p.get_height() > 0 for p in bars)
     crosses = [line for line in ax.get_lines() if line.get_label().startswith("dropped")][0]
-    assert list(crosses.get_xdata()) == [1, 4] and list(crosses.get_ydata()) == [0, 0]
+    assert list(crosses.get_xdata()) == [2, 5] and list(crosses.get_ydata()) == [0, 0]
     assert "2 of 6 dropped" in ax.get_title()
     assert_png(tmp_path / "b.png")
 

@@ -139,6 +139,7 @@ def test_training_curves(tmp_path):
     assert len(seconds.patches) == 8  # 2 runs x 4 epochs
     assert all(labelled(ax) for ax in fig.axes)
     assert any("75% of branches ran" in t.get_text() for t in seconds.get_legend().get_texts())
+    assert loss.get_yscale() == "log" and "log" in loss.get_ylabel()
     assert_png(tmp_path / "c.png")
     # A list of run folders is labelled by folder name.
     fig = plots.training_curves([tmp_path / "constant", tmp_path / "stochastic"])
@@ -200,7 +201,7 @@ def _block_boxes(ax):
     from matplotlib.patches import FancyBboxPatch
 
     boxes = [p for p in ax.patches if isinstance(p, FancyBboxPatch)]
-    texts = [t for t in ax.texts if "p=" in t.get_text()]
+    texts = [t for t in ax.texts if t.get_text().startswith("l=") and "-" not in t.get_text()]
     found = {}
     for text in texts:
         x, y = text.get_position()
@@ -210,19 +211,21 @@ def _block_boxes(ax):
     return found
 
 
-def test_network_greys_dropped_branches_with_gate_and_p(tmp_path, rng):
+def test_network_numbers_blocks_1_to_L_and_greys_dropped_branches(tmp_path, rng):
     gates = [True, False, True, True, False, True, True, True, False]
     t = _forced_step(rng, gates)
     fig = plots.network(t, save=tmp_path / "n.png")
     ax = fig.axes[0]
     boxes = _block_boxes(ax)
-    assert sorted(boxes) == sorted(n[len("layer"):] for n in t.block_names)
+    assert sorted(boxes, key=lambda k: int(k[2:])) == [f"l={l}" for l in range(1, 10)]
     probs = [e.survival_prob for e in t.block_events("forward")]
-    for name, kept, p in zip(t.block_names, gates, probs):
-        box, label = boxes[name[len("layer"):]]
-        assert (box.get_hatch() is not None) is (not kept), name
-        assert (matplotlib.colors.to_hex(box.get_edgecolor()) == "#a8a8a8") is (not kept), name
-        assert f"b={int(kept)}" in label and f"p={p:.2f}".replace("0.", ".") in label
+    for l, (kept, p) in enumerate(zip(gates, probs), start=1):
+        box, label = boxes[f"l={l}"]
+        assert (box.get_hatch() is not None) is (not kept), l
+        assert (matplotlib.colors.to_hex(box.get_edgecolor()) == "#a8a8a8") is (not kept), l
+        assert f"p={p:.2f}".replace("0.", ".") in label  # room for p_l at 3 blocks per stage
+    headers = sorted(x.get_text() for x in ax.texts if x.get_fontweight() == "bold")
+    assert headers == ["l=1-3, 16 ch", "l=4-6, 32 ch", "l=7-9, 64 ch"]
     assert "3 dropped" in ax.get_title()
     assert [c.get_text() for c in ax.texts if c.get_text().startswith(("stem", "head"))] == [
         "stem: conv1, bn1, relu", "head: avgpool, fc"]
@@ -279,7 +282,7 @@ def test_network_marks_the_current_event(rng):
 
     spots, arrows = marked(t.find("layer2.1.branch.3", "backward"))
     assert len(spots) == 1 and arrows == ["\u25b2"]  # up: backward
-    box, _ = _block_boxes(plots.network(t).axes[0])["2.1"]
+    box, _ = _block_boxes(plots.network(t).axes[0])["l=5"]  # layer2.1: the 5th block
     spot = spots[0]
     assert spot.get_x() < box.get_x() and spot.get_x() + spot.get_width() > box.get_x() + box.get_width()
     assert spot.get_y() < box.get_y() < spot.get_y() + spot.get_height()
@@ -295,11 +298,11 @@ def test_stepper_frame_with_the_map_drawn_once_looks_the_same(rng):
     from PIL import Image
 
     t = _forced_step(rng, [True, False, True, True, True, True, True, True, False], keep_arrays=True)
-    raster = plots.NetworkRaster(t)
+    rasters = {phase: plots.NetworkRaster(t, phase=phase) for phase in ("forward", "backward")}
     for event in (t.find("conv1"), t.find("layer1.1", "backward"), t.find("layer2.2.shortcut", "backward"),
                   t.find("layer3.0.branch.3"), t.find("fc", "backward")):
         drawn = plots.figure_png(plots.stepper_frame(t, event, "step", raster=None))
-        pasted = plots.figure_png(plots.stepper_frame(t, event, "step", raster=raster))
+        pasted = plots.figure_png(plots.stepper_frame(t, event, "step", raster=rasters[event.phase]))
         a, b = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in (drawn, pasted))
         assert a.shape == b.shape
         differing = (np.abs(a - b).max(axis=2) > 8).mean()
@@ -325,3 +328,29 @@ def test_no_figure_goes_through_pyplot():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_fit_line_recovers_a_line_and_says_how_well_it_fits():
+    x = np.arange(10.0)
+    fit = plots.fit_line(x, 0.5 + 0.25 * x)
+    assert fit["slope"] == pytest.approx(0.25) and fit["intercept"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
+    noisy = plots.fit_line(x, 0.25 * x + np.random.default_rng(0).normal(0, 1, 10))
+    assert 0 < noisy["r2"] < 1
+    with pytest.raises(ValueError, match="fit_line: expected two equal-length sequences"):
+        plots.fit_line([1, 1], [2, 3])
+
+
+def test_stem_gradient_vs_active_blocks_marks_both_ends_and_the_expected_depth(tmp_path):
+    rng = np.random.default_rng(0)
+    k = np.concatenate([[0, 12], rng.integers(1, 12, 20)])
+    g = 0.04 * k + rng.normal(0, 0.01, k.size)
+    fig = plots.stem_gradient_vs_active_blocks(k, g, 12, expected_active=9.0, save=tmp_path / "s.png")
+    (ax,) = fig.axes
+    assert labelled(ax) and "block" in ax.get_xlabel() and "norm" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(label.startswith("fit:") and "R^2" in label for label in labels)
+    assert any("shortcuts only" in label for label in labels) and any("constant depth" in label for label in labels)
+    diamond = next(line for line in ax.get_lines() if line.get_marker() == "D")
+    fit = plots.fit_line(k, g)
+    assert diamond.get_ydata()[0] == pytest.approx(fit["intercept"] + 9.0 * fit["slope"])
+    assert_png(tmp_path / "s.png")

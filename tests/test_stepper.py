@@ -85,7 +85,7 @@ def test_outside_a_notebook_it_prints_the_text_only(t, capsys, monkeypatch):
     def no_picture(*args, **kwargs):
         raise AssertionError("a picture was built that nobody sees")
 
-    monkeypatch.setattr(plots, "stepper_frame", no_picture)
+    monkeypatch.setattr(plots.trace_drawings, "stepper_frame", no_picture)
     s = Stepper(t)
     s.step()
     out = capsys.readouterr().out
@@ -144,8 +144,8 @@ def test_next_dropped_block_visits_exactly_the_dropped_blocks(t, shown, capsys):
     assert (s.current.phase, s.current.name) == ("backward", dropped[-1])
 
 
-def test_colour_scales_are_shared_across_frames_of_one_kind(t):
-    s = Stepper(t)
+def test_shared_colour_scales_span_every_frame_of_one_kind(t):
+    s = Stepper(t, scale="shared")
     limits = s.color_limits()
     # The limit is the 99.5th percentile of |value| over what the frames show, per kind.
     shown = [np.abs(a[0, :8] if a.ndim == 4 else a[:1]).ravel() for e in s.walk if e.phase == "backward"
@@ -303,3 +303,56 @@ import matplotlib.pyplot as plt   # pyplot loaded, as in notebook 4: its hooks m
     assert len(pictures(one)) == 1 and "step 3 of" in texts(one)
     assert not [o for c in nb.cells for o in c.outputs if o.output_type in ("execute_result", "error")]
     assert texts(fignums).strip() == "[]"
+
+
+def event_images(fig):
+    """The value images of a frame (2-D arrays drawn through a colour map), not the pasted map."""
+    return [im for ax in fig.axes for im in ax.get_images() if isinstance(im, AxesImage) and im.get_array().ndim == 2]
+
+
+def test_by_default_each_picture_has_its_own_scale_and_says_so(t):
+    """The default shows every array's pattern: each frame spans its own values (the same
+    percentile as the shared scales, over this frame alone), and the text and colour bar say so."""
+    s = Stepper(t)
+    assert s.scale == "layer"
+    for number in (1, len(s) // 2, len(s)):
+        event = s.walk[number - 1]
+        shown = [np.abs(a[0, :8] if a.ndim == 4 else a[:1]).ravel() for a in (event.in_array, event.out_array)]
+        limit = np.percentile(np.concatenate(shown), 99.5)
+        fig = s.figure(number)
+        assert all(im.get_clim() == pytest.approx((-limit, limit)) for im in event_images(fig))
+        assert any("this layer's own scale" in ax.get_ylabel() for ax in fig.axes)
+        assert "colours: this layer's own scale" in s.text(number)
+
+
+def test_stage_scales_group_the_steps_of_one_stage(t):
+    s = Stepper(t, scale="stage")
+    limits = s.color_limits()
+    stages = {s.stage_of(e) for e in s.walk}
+    assert stages == {"stem", "head", "blocks l = 1-2", "blocks l = 3-4", "blocks l = 5-6"}
+    inside = next(n for n, e in enumerate(s.walk, 1) if e.phase == "backward" and e.block == 2)
+    limit, scope = s.color_scale(inside)
+    assert limit == limits["gradient", "blocks l = 1-2"] and scope == "one scale per stage: blocks l = 1-2"
+    fig = s.figure(inside)
+    assert all(im.get_clim() == (-limit, limit) for im in event_images(fig))
+    assert "one scale per stage: blocks l = 1-2" in s.text(inside)
+    with pytest.raises(ValueError, match="scale must be one of layer, stage, shared"):
+        Stepper(t, scale="global")
+
+
+def test_forward_frames_colour_the_map_by_activations_and_backward_by_gradients(t):
+    from minisd import plots
+
+    s = Stepper(t)
+    first_backward = next(n for n, e in enumerate(s.walk, 1) if e.phase == "backward")
+    for number in (1, first_backward):
+        s.figure(number)
+    assert {phase: raster.phase for phase, raster in s._maps.items()} == {"forward": "forward", "backward": "backward"}
+    forward, backward = s._maps["forward"].data["blocks"][0], s._maps["backward"].data["blocks"][0]
+    assert forward["forward"]["entry"] == pytest.approx(t.block_events("forward")[0].in_norm)
+    assert backward["backward"]["entry"] == pytest.approx(t.block_events("backward")[0].out_norm)
+    norm = s._maps["forward"].norm
+    assert norm.vmin <= forward["forward"]["entry"] <= norm.vmax
+    assert "activation norm" in plots.network(t, phase="forward").axes[1].get_xlabel()
+    assert "gradient norm" in plots.network(t, phase="backward").axes[1].get_xlabel()
+    assert "activation norm" in plots.network(t, highlight=t.find("conv1", "forward")).axes[1].get_xlabel()

@@ -8,7 +8,7 @@ import pytest
 from helpers import dev, host
 
 from minisd import functional as F
-from minisd import models, trace
+from minisd import backend, models, trace
 from minisd.residual import BasicBlock
 
 
@@ -133,7 +133,7 @@ def test_gradient_norms_equal_norms_computed_directly(rng):
     # A block's backward output is the gradient at its input.
     for block_event, block in zip(t.block_events("backward"), model.blocks):
         assert block_event.out_shape == (4, block.in_channels) + block_event.out_shape[2:]
-    assert t.gradient_at_block_inputs()[0] == t.find("layer1", "backward").out_norm
+    assert t.block_events("backward")[0].out_norm == t.find("layer1", "backward").out_norm
     # Parameter gradients of a layer, as the trace reports them.
     conv = t.find("conv1", "backward")
     assert conv.grad_norm == pytest.approx(norm(model.conv1.grads["weight"]), rel=1e-12)
@@ -164,7 +164,7 @@ def test_evaluation_mode_has_no_gate_and_runs_every_branch(rng):
 
 def test_table_list_and_records(rng):
     model, t = traced_step_all_blocks(rng)
-    text = t.table()
+    text = t.table(which="all")
     for name, _ in model.named_modules():
         assert (name or "(ResNetCifar)") in text
     assert "forward" in text and "backward" in text
@@ -172,7 +172,7 @@ def test_table_list_and_records(rng):
     assert "more rows" in short and len(short.splitlines()) == 3 + 5 + 1  # tier line, header, rule
     records = t.to_records()
     assert len(records) == len(t) and "in_array" not in records[0] and records[0]["label"] == "(ResNetCifar)"
-    assert t.total_seconds("forward") > 0
+    assert t.find("", "forward").seconds > 0  # the model's own call
     blocks_only = t.table(which="blocks").splitlines()[3:]
     assert len(blocks_only) == 2 * len(model.blocks) and all("BasicBlock" in line for line in blocks_only)
     with pytest.raises(ValueError, match="which"):
@@ -285,11 +285,41 @@ def test_the_trace_records_which_kernel_tier_ran():
     for tier in ("reference", "fast"):
         with kernels.use(tier), trace.record(model) as t:
             model(x)
-        assert t.kernels == tier and {e.kernels for e in t.events} == {tier}
-        assert t.table().splitlines()[0] == f"kernels: {tier} tier"
+            ran = kernels.running(x)  # the tier chosen, except on a GPU: the reference
+        assert ran == (tier if not backend.is_device_array(x) else "reference")
+        assert t.kernels == ran and {e.kernels for e in t.events} == {ran}
+        assert t.table().splitlines()[0] == f"kernels: {ran} tier"
     with trace.record(model) as t:
         with kernels.use("reference"):
             logits = model(x)
         model.backward(logits * 0 + 1)
-    assert t.kernels == "mixed"
-    assert {e.kernels for e in t.forward()} == {"reference"} and {e.kernels for e in t.backward()} == {"fast"}
+    backward_tier = kernels.running(x)
+    assert t.kernels == ("mixed" if backward_tier == "fast" else "reference")
+    assert {e.kernels for e in t.forward()} == {"reference"} and {e.kernels for e in t.backward()} == {backward_tier}
+
+
+def test_one_numbering_table_step_is_stepper_step_and_blocks_are_1_to_L(rng):
+    """t.table()'s first column is the step number the stepper gives the same event (filters hide
+    rows, never renumber them), and its column l numbers the residual blocks 1..L as the paper does."""
+    from minisd.stepper import Stepper
+
+    model, t = traced_step_all_blocks(rng)
+    L = len(model.blocks)
+    for which in ("layers", "all"):
+        s = Stepper(t, which=which, draw=False)
+        rows = t.table(which=which).splitlines()[3:]
+        assert len(rows) == len(s)
+        for n in (1, len(s) // 2, len(s)):
+            assert rows[n - 1].split()[0] == str(n)
+            assert s.heading(n).startswith(f"step {n} of {len(s)}")
+            assert s.walk[n - 1].name in rows[n - 1]
+    s = Stepper(t, draw=False)
+    for line in t.table(phase="backward", which="blocks").splitlines()[3:]:
+        number, phase, l, name = line.split()[:4]
+        event = s.walk[int(number) - 1]
+        assert (event.phase, event.name, event.block) == (phase, name, int(l))
+    blocks = t.block_events("forward")
+    assert [e.block for e in blocks] == list(range(1, L + 1))
+    inside = t.find(t.block_names[-1] + ".branch.0")
+    assert inside.block == L and f"block l = {L}: " in inside.describe()
+    assert t.find("conv1").block is None and "block l" not in t.find("conv1").describe()

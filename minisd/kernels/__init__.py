@@ -6,26 +6,33 @@
   results, computed in a faster order (width-only unfolding, row slides, chunks on threads). The
   default.
 
-Every layer asks :func:`current` for the tier's module at each call, so the switch applies to
-everything the layers run::
+Every layer asks :func:`current` for the module of the tier that runs its array, at each call,
+so the switch applies to everything the layers run::
 
     from minisd import kernels
     kernels.use("reference")              # for the rest of the process
     with kernels.use("reference"):        # for a block; the tier in force before comes back after
         loss = step(model, x, labels)
-    kernels.active()                      # -> "fast" or "reference"
+    kernels.active()                      # -> "fast" or "reference": the tier chosen
+    kernels.running(x)                    # -> the tier that runs for x (on a GPU: the reference)
+
+The fast tier's tricks are CPU tricks, so arrays on a GPU run the reference pairs whatever the
+choice: :func:`running` decides that, here and nowhere else, and the layers and the trace both ask
+it (a trace records the tier that ran, not the one chosen).
 
 ``MINISD_KERNELS=reference`` chooses the reference for a whole process (tests included). Both
-tiers keep the same caches, so a forward run on one tier can be differentiated on the other.
+tiers build the same cache records (defined in :mod:`minisd.functional`), so a forward run on one
+tier can be differentiated on the other.
 """
 from __future__ import annotations
 
 import importlib
 import os
 
+from minisd.backend import is_device_array
 from minisd.kernels.parallel import clear_workspace, get_num_threads, set_num_threads
 
-__all__ = ["TIERS", "PAIRS", "use", "active", "current", "tier", "set_num_threads", "get_num_threads",
+__all__ = ["TIERS", "PAIRS", "use", "active", "running", "current", "tier", "set_num_threads", "get_num_threads",
            "clear_workspace"]
 
 #: The tiers by name, with the module that implements each.
@@ -81,9 +88,22 @@ def tier(name: str):
     return module
 
 
-def current():
-    """The module of the tier in force: what layers call, e.g. ``current().conv2d_forward(...)``."""
-    return tier(active())
+def running(x) -> str:
+    """The tier that runs for array ``x``: the one in force, except that device arrays run the reference.
+
+    Why: every trick of the fast tier is for a CPU (cache-sized chunks, threads, long contiguous
+    copies). On a GPU a step costs its kernel launches, and the tricks launch more, smaller kernels
+    than the reference's im2col and one large product: measured slower there
+    (docs/performance.md#the-fast-tier-on-a-gpu). The caches are the same, so nothing else changes.
+    """
+    name = active()
+    return "reference" if name == "fast" and is_device_array(x) else name
+
+
+def current(x=None):
+    """The module of the tier that runs for array ``x`` (see :func:`running`): what layers call,
+    e.g. ``current(x).conv2d_forward(x, ...)``. Without ``x``, the module of the tier in force."""
+    return tier(active() if x is None else running(x))
 
 
 class use:

@@ -4,7 +4,7 @@ Every pair here has the signature, the cache and the results of its reference tw
 ``minisd/functional.py`` (the tests hold them equal to 1e-12 in float64 on a grid of shapes and
 layouts); only *how* it computes differs. Training runs this tier by default; switch with
 ``minisd.kernels.use("reference")``. Read the reference first: each function here says which trick
-it adds, why, and what it measured.
+it adds and why; what each trick measured is in ``docs/performance.md`` (section "Kernels").
 
 The tricks, in the order a ResNet step meets them:
 
@@ -20,8 +20,9 @@ The tricks, in the order a ResNet step meets them:
    against a row of zeros rather than the scalar 0 (:func:`_zero_row`), and batch norm and ReLU
    on groups of channels in threads.
 
-All of these are CPU tricks: with CuPy arrays the pairs run the reference instead (measured
-faster on a GPU, see :func:`_reference_on_a_gpu`).
+All of these are CPU tricks: the tier switch sends arrays on a GPU to the reference pairs
+instead (:func:`minisd.kernels.running` says why). Called directly, the pairs here run on CuPy
+arrays too (one chunk, no threads), only slower than the reference.
 
 Memory layout (trick 1)
 -----------------------
@@ -37,10 +38,12 @@ next convolution reads its input without a copy. :func:`channel_rows` is where t
 """
 from __future__ import annotations
 
-from minisd.backend import array_module, is_device_array
-from minisd.functional import (  # the pairs that need no trick are the reference's own
-    _pair,
-    conv_output_size,
+from minisd.backend import array_module
+from minisd.functional import (  # the caches, the geometry, and the pairs that need no trick
+    BatchNormCache,
+    ConvCache,
+    ShortcutCache,
+    conv_geometry,
     global_avg_pool_forward,
     linear_backward,
     linear_forward,
@@ -48,38 +51,10 @@ from minisd.functional import (  # the pairs that need no trick are the referenc
     softmax_cross_entropy_forward,
     update_running_stats,
 )
-from minisd import functional
 from minisd.kernels import PAIRS, parallel
 from minisd.kernels.parallel import get_num_threads, images_per_chunk, map_channel_groups, map_chunks, scratch
 
 __all__ = ["channel_rows", "empty_channel_major", *PAIRS]  # every pair of the reference, same names
-
-
-# ----------------------------------------------------------------------------------------------
-# On a GPU: the reference
-# ----------------------------------------------------------------------------------------------
-
-# Why: every trick below is for a CPU (cache-sized chunks, threads, long contiguous copies). On a
-# GPU the cost of a step is the number of kernel launches, and the tricks launch more: a width
-# unfolding plus row slides, each slide zeroing its edge rows, is a dozen small kernels where the
-# reference's im2col is nine copies and one large product. Measured on an H200 (CuPy 14.2, batch
-# 128, 32x32, one run, medians of 5-10 steps): a ResNet-20 step took 67.6 ms on these kernels and
-# 53.5 ms on the reference; ResNet-56 221.6 ms against 148.6 ms. So with device arrays the fast
-# tier runs the reference pairs (the caches are the same, so forward and backward may mix).
-
-
-def _reference_on_a_gpu(fast_pair):
-    """Run ``fast_pair`` on host arrays, and its reference twin of the same name on device arrays."""
-    name = fast_pair.__name__
-
-    def pair(first, *args, **kwargs):
-        if is_device_array(first):
-            return getattr(functional, name)(first, *args, **kwargs)
-        return fast_pair(first, *args, **kwargs)
-
-    pair.__name__, pair.__qualname__, pair.__doc__ = name, fast_pair.__qualname__, fast_pair.__doc__
-    pair.__wrapped__ = fast_pair
-    return pair
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,16 +212,6 @@ def _col2im_into(dx, cols6, kh, kw, sh, sw, ph, pw, overwrite):
     return dx
 
 
-def _conv_geometry(x_shape, kernel_size, stride, padding, where):
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    ho = conv_output_size(x_shape[2], kh, sh, ph, where)
-    wo = conv_output_size(x_shape[3], kw, sw, pw, where)
-    return kh, kw, sh, sw, ph, pw, ho, wo
-
-
-@_reference_on_a_gpu
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """2-D cross-correlation, as torch.nn.functional.conv2d.
 
@@ -261,10 +226,10 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     xp = array_module(x, weight)
     n, c, h, w = x.shape
     out_channels, _, kh, kw = weight.shape
-    _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
+    _, _, sh, sw, ph, pw, ho, wo = conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
     # (O, N, Ho, Wo): the product's natural layout, handed out as an NCHW view (module docstring).
     out = xp.empty((out_channels, n, ho, wo), dtype=x.dtype)
-    threads = get_num_threads()  # host arrays only: device arrays run the reference (see above)
+    threads = get_num_threads()  # device arrays: one chunk (parallel.images_per_chunk), no threads
     if _slides(h, w, ho, wo, sh, sw):
         chunk, bytes_per_image = _same_conv_chunks(x, weight, out, ph, pw)
     else:
@@ -283,9 +248,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     map_chunks(lambda n0: chunk(n0, n0 + step), range(0, n, step), threads)
     if bias is not None:
         out += bias[:, None, None, None]
-    y = out.transpose(1, 0, 2, 3)
-    cache = (x, weight, bias is not None, stride, padding)
-    return y, cache
+    return out.transpose(1, 0, 2, 3), ConvCache(x, weight, bias is not None, stride, padding)
 
 
 def _same_conv_chunks(x, weight, out, ph, pw):
@@ -301,7 +264,8 @@ def _same_conv_chunks(x, weight, out, ph, pw):
 
     with W_stack[(i, o), (c, j)] = W[o, c, i, j]. Same sum, same multiplications; the copies shrink
     from kh*kw to kw slabs of x, and the product is taller and less deep (kh*O rows instead of O),
-    a shape that OpenBLAS runs about 1.5x faster for 16 output channels (measured on this machine).
+    a shape that OpenBLAS runs faster for few output channels (measured:
+    docs/performance.md#width-only-unfolding-a-taller-product).
     The rows of Z[i] that would slide into a neighbouring image are zeroed first (they stand for
     the zero padding above and below each image); see :func:`_add_row_shifts`.
 
@@ -377,7 +341,6 @@ def _add_row_shifts(out_rows, z, h, w, ph):
             out_rows[:, -d:] += z[i][:, : total + d]
 
 
-@_reference_on_a_gpu
 def conv2d_backward(dy, cache, input_grad=True):
     """Gradients of :func:`conv2d_forward`: returns (dx, dweight, dbias or None).
 
@@ -396,10 +359,10 @@ def conv2d_backward(dy, cache, input_grad=True):
     xp = array_module(dy, weight)
     n, c, h, w = x.shape
     out_channels, _, kh, kw = weight.shape
-    _, _, sh, sw, ph, pw, ho, wo = _conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
+    _, _, sh, sw, ph, pw, ho, wo = conv_geometry(x.shape, (kh, kw), stride, padding, "conv2d")
     # channel-major, like every activation here
     dx = xp.empty((c, n, h, w), dtype=x.dtype) if input_grad else None
-    threads = get_num_threads()  # host arrays only: device arrays run the reference (see above)
+    threads = get_num_threads()  # device arrays: one chunk (parallel.images_per_chunk), no threads
     if input_grad and _slides(h, w, ho, wo, sh, sw):
         chunk, bytes_per_image = _conv_grads_from_dy_columns(x, weight, dy, dx, ph, pw)
     else:
@@ -435,7 +398,8 @@ def _conv_grads_from_x_columns(x, weight, dy, dx, sh, sw, ph, pw, ho, wo):
         buf = scratch(xp, (k, m * ho * wo), x.dtype)
         cols = _im2col_into(buf.reshape(c, kh, kw, m, ho, wo), xs, kh, kw, sh, sw, ph, pw).reshape(buf.shape)
         # dW^T = cols @ dY^T: the same product as dY @ cols^T, but OpenBLAS runs this orientation
-        # of the thin shapes (a long reduction, a (C*kh*kw, O) result) about 1.5x faster here.
+        # of the thin shapes (a long reduction, a (C*kh*kw, O) result) faster (measured:
+        # docs/performance.md#the-weight-gradients-product-orientation).
         dweight = (cols @ dy_rows.T).T.reshape(weight.shape)
         if dx is None:
             return dweight
@@ -516,9 +480,10 @@ def _row_dots(a, b):
 def _row_sums(a):
     """sum_m a[c, m] for each row c of a (C, M) matrix, as the product a @ ones(M).
 
-    The matrix-vector product runs about 3x faster than ``a.sum(axis=1)`` on long float32 rows
-    here (NumPy's pairwise sum is the more careful one, but the product's float32 error stays
-    at a few 1e-7 relative at these lengths: well inside what float32 training can tell apart).
+    The matrix-vector product runs faster than ``a.sum(axis=1)`` on long float32 rows (measured:
+    docs/performance.md#row-sums-as-a-matrix-vector-product). NumPy's pairwise sum is the more
+    careful one, but the product's float32 error stays at a few 1e-7 relative at these lengths:
+    well inside what float32 training can tell apart.
     The vector of ones is made once per length and kept (see :func:`_kept_row`).
     """
     return a @ _kept_row(array_module(a), a.dtype, a.shape[1], 1)
@@ -540,7 +505,6 @@ _KEPT_ROWS: dict = {}  # by (array module, dtype, length, value): ones for _row_
 parallel._ON_CLEAR.append(_KEPT_ROWS.clear)  # clear_workspace() frees them with the scratch buffers
 
 
-@_reference_on_a_gpu
 def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, training=True, eps=1e-5):
     """Batch normalisation over (N, H, W) per channel (or over N for 2-D input).
 
@@ -578,14 +542,12 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, trai
         y_rows[c] += beta[c][:, None]
 
     map_channel_groups(channels, x)
-    y = _rows_to_shape(y_rows, x.shape)
-    # The reference's cache, to the letter: centered as an NCHW (view), so either tier's backward
+    # centered goes into the cache as an NCHW view, as the reference's, so either tier's backward
     # can take either tier's cache.
-    cache = (_rows_to_shape(centered, x.shape), gamma, inv_std, training, x.shape, mean, var)
-    return y, cache
+    cache = BatchNormCache(_rows_to_shape(centered, x.shape), gamma, inv_std, training, x.shape, mean, var)
+    return _rows_to_shape(y_rows, x.shape), cache
 
 
-@_reference_on_a_gpu
 def batch_norm_backward(dy, cache):
     """Gradients of :func:`batch_norm_forward`: returns (dx, dgamma, dbeta).
 
@@ -595,9 +557,9 @@ def batch_norm_backward(dy, cache):
         dx = gamma * inv_std * (dy - dbeta / M - x_hat * dgamma / M)
     Evaluation (fixed statistics): dx = gamma * inv_std * dy.
     """
-    centered, gamma, inv_std, training, x_shape, _, _ = cache
+    gamma, inv_std, training, x_shape = cache.gamma, cache.inv_std, cache.training, cache.x_shape
     xp = array_module(dy)
-    centered = channel_rows(centered)  # a free view: the forward stored it channel-major
+    centered = channel_rows(cache.centered)  # a free view: the forward stored it channel-major
     dy_rows = channel_rows(dy)
     count = dy_rows.shape[1]
     dbeta = xp.empty(dy_rows.shape[0], dtype=dy_rows.dtype)
@@ -635,7 +597,6 @@ def _rows_to_shape(rows, shape):
 # ----------------------------------------------------------------------------------------------
 
 
-@_reference_on_a_gpu
 def relu_forward(x):
     """y = max(x, 0), any shape. The cache is the boolean mask x > 0 (a quarter of the memory).
 
@@ -670,20 +631,15 @@ def _is_channel_major(x) -> bool:
 def _zero_row(rows):
     """A row of zeros as long as the rows of a (C, M) matrix (kept: see :func:`_kept_row`).
 
-    Why: NumPy's ``maximum`` against the scalar 0 runs a slow loop, about 3x the time of a copy;
-    against an array of zeros it runs its vectorised two-array loop. One row of zeros (M values,
-    512 KiB for a 16-channel 32x32 batch of 128) broadcast over the channels gives that loop
-    without a full-size array of zeros to read. Measured on this machine (2 cores, float32,
-    (C, M) = (16, 131072), medians of 50): 0.77 ms against the scalar, 0.34 ms against the row;
-    (64, 8192): 0.19 -> 0.07 ms. Inside training steps (batch 128, 3x32x32, old and new
-    alternating step by step, medians of 10), relu_forward's time per step went from 9.3 to 7.4 ms
-    (ResNet-20) and 33.5 to 28.6 ms (ResNet-56) on 2 threads, 11.5 to 7.9 and 48.0 to 39.1 ms on
-    one: about 1% of a step, which the step times alone cannot resolve.
+    Why: NumPy's ``maximum`` against the scalar 0 runs a slow loop, several times the time of a
+    copy; against an array of zeros it runs its vectorised two-array loop. One row of zeros (M
+    values, 512 KiB for a 16-channel 32x32 batch of 128) broadcast over the channels gives that
+    loop without a full-size array of zeros to read (measured:
+    docs/performance.md#relu-against-a-row-of-zeros).
     """
     return _kept_row(array_module(rows), rows.dtype, rows.shape[1], 0)
 
 
-@_reference_on_a_gpu
 def relu_backward(dy, cache):
     """dx = dy where x > 0, else 0. Returns a new array (dy is left untouched)."""
     mask = cache
@@ -698,7 +654,6 @@ def relu_backward(dy, cache):
     return dx
 
 
-@_reference_on_a_gpu
 def global_avg_pool_backward(dy, cache):
     """Each of the H*W pixels of a channel receives dy / (H*W).  dy: (N, C) -> dx: (N, C, H, W)."""
     xp = array_module(dy)
@@ -713,7 +668,6 @@ def global_avg_pool_backward(dy, cache):
 # ----------------------------------------------------------------------------------------------
 
 
-@_reference_on_a_gpu
 def shortcut_forward(x, out_channels, stride=2):
     """Subsample by ``stride`` and zero-pad the new channels (the paper's CIFAR shortcut, option A).
 
@@ -728,20 +682,17 @@ def shortcut_forward(x, out_channels, stride=2):
     y = empty_channel_major(xp, (n, out_channels, sub.shape[2], sub.shape[3]), x.dtype)
     y[:, :c] = sub
     y[:, c:] = 0
-    return y, (x.shape, stride)
+    return y, ShortcutCache(x.shape, stride)
 
 
-@_reference_on_a_gpu
 def shortcut_backward(dy, cache):
     """dx picks the gradient of the kept channels back onto the subsampled pixels; zero elsewhere.
 
-    This dense dx is most of what a dropped transition block costs (1.3-2.5% of the same block
-    kept at 1 thread, 3.0-4.6% at 2, measured inside ResNets by ``minisd bench``). Three pixels
-    in four are zero, but the batch norm backward of the block before reads dx whole, so it must
-    exist whole: 8 MiB written for a 16-channel 32x32 batch of 128. Timed alone with warm caches,
-    forward and backward here take 0.6 ms together at 16 -> 32 channels; a buffer kept across
-    steps whose zeros are written once measured no faster (1.1-1.9 ms against 1.2-1.7 ms in the
-    block table, two interleaved runs), so it did not land.
+    This dense dx is most of what a dropped transition block costs. Three pixels in four are
+    zero, but the batch norm backward of the block before reads dx whole, so it must exist whole:
+    8 MiB written for a 16-channel 32x32 batch of 128. A buffer kept across steps, whose zeros are
+    written once, measured no faster, so it did not land (measured:
+    docs/performance.md#the-transition-shortcuts-backward).
     """
     xp = array_module(dy)
     x_shape, stride = cache

@@ -15,11 +15,12 @@ order. So a run resumed with another ``MINISD_NUM_THREADS`` continues bit for bi
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+from threadpoolctl import ThreadpoolController
 
 from minisd.backend import is_device_array
 
@@ -45,18 +46,18 @@ __all__ = [
 # * memory bandwidth: im2col writes it out to main memory and the product reads it back, and at
 #   these sizes moving the bytes costs as much as the arithmetic;
 # * first touch: fresh memory is slow the first time it is written (the kernel maps and zeroes
-#   every page, about 0.45 ms per MiB here), and arrays that large go back to the OS when freed,
-#   so a fresh column matrix per layer pays that again at every step.
+#   every page; measured: docs/performance.md#first-touch-of-fresh-memory), and arrays that large
+#   go back to the OS when freed, so a fresh column matrix per layer pays that again at every step.
 # So the convolutions below unfold a few images at a time (about CHUNK_BYTES of scratch, small
-# enough to stay in the caches: a core's L2 holds 1 MiB here, the shared L3 36 MiB) into reused
-# buffers, and run the product on them while they are still in cache. The buffers never leave the
-# function that filled them: the forward keeps only its input x (an array the previous layer made
-# anyway) and the backward unfolds what it needs again (for a stride-1 "same" conv, dy's width
-# columns and x's height columns, see :func:`_conv_grads_from_dy_columns`; x's full columns
-# otherwise). That costs an unfolding per layer in backward and saves the memory of every column
-# matrix. Smaller chunks mean more, smaller products (and with several BLAS threads, one thread
-# hand-off per product); 3 MiB measured best on a 2-core machine (a ResNet-20 step with 1 MiB
-# chunks took about 1.25x as long, with 4 MiB 1.04-1.12x, with 16 MiB 1.25x).
+# enough to stay in a core's caches) into reused buffers, and run the product on them while they
+# are still in cache. The buffers never leave the function that filled them: the forward keeps
+# only its input x (an array the previous layer made anyway) and the backward unfolds what it
+# needs again (for a stride-1 "same" conv, dy's width columns and x's height columns, see
+# :func:`_conv_grads_from_dy_columns`; x's full columns otherwise). That costs an unfolding per
+# layer in backward and saves the memory of every column matrix. Smaller chunks mean more,
+# smaller products (and with several BLAS threads, one thread hand-off per product); larger ones
+# leave the caches. 3 MiB measured best on a 2-core machine
+# (docs/performance.md#chunk-size-of-the-scratch-buffers).
 # On a GPU (CuPy arrays) the whole batch is one chunk: there, one large product is what is fast.
 CHUNK_BYTES = 3 << 20
 _WORKSPACE: dict = {}
@@ -101,7 +102,7 @@ def images_per_chunk(x, scratch_bytes_per_image):
     n = x.shape[0]
     if is_device_array(x) or n * scratch_bytes_per_image <= CHUNK_BYTES:
         # The whole batch fits in one chunk (8x8 digits, say): one product, no thread hand-off,
-        # which would cost more than it saves (measured: 2.4 s vs 1.7 s per digits epoch).
+        # which would cost more than it saves (measured: docs/performance.md#one-chunk-for-a-small-batch).
         return max(n, 1)
     return max(1, min(n, CHUNK_BYTES // max(1, scratch_bytes_per_image)))
 
@@ -120,7 +121,7 @@ def images_per_chunk(x, scratch_bytes_per_image):
 _MAX_DEFAULT_THREADS = 4
 _NUM_THREADS = None  # None: read MINISD_NUM_THREADS or the CPU count at first use
 _POOL = None
-_BLAS = None  # a threadpoolctl controller (False if threadpoolctl is missing)
+_BLAS = None  # a threadpoolctl controller, made at first use (see _one_blas_thread)
 
 
 def set_num_threads(n: int | None) -> None:
@@ -166,17 +167,10 @@ def threads_from_environment(text: str) -> int:
 
 
 def _one_blas_thread():
-    """A context that limits the BLAS to one thread (a no-op without threadpoolctl)."""
+    """A context that limits the BLAS to one thread, and restores its setting on exit."""
     global _BLAS
     if _BLAS is None:
-        try:
-            from threadpoolctl import ThreadpoolController  # noqa: PLC0415
-        except ImportError:
-            _BLAS = False
-        else:
-            _BLAS = ThreadpoolController()  # made after NumPy is loaded, so it sees its BLAS
-    if _BLAS is False:
-        return contextlib.nullcontext()
+        _BLAS = ThreadpoolController()  # made at first use, after NumPy has loaded its BLAS, so it sees it
     return _BLAS.limit(limits=1, user_api="blas")
 
 

@@ -12,8 +12,9 @@ Every figure function returns the Figure and, given ``save="path.png"``, also wr
 """
 from minisd.plots.figure import (CONSTANT_COLOR, DROPPED_COLOR, KEPT_COLOR, RUN_COLORS, figure_png,
                                  lecture_figure, new_figure, save_figure)
-from minisd.plots.lecture import (conv_filters, default_feature_layers, feature_maps, gate_activity,
-                                  gradient_flow, gradient_flow_data, survival_schedules, training_curves)
+from minisd.plots.lecture import (conv_filters, default_feature_layers, feature_maps, fit_line, gate_activity,
+                                  gradient_flow, gradient_flow_data, stem_gradient_vs_active_blocks,
+                                  survival_schedules, training_curves)
 from minisd.plots.paper import (branch_gradient_norms, fit_step_time, gradient_magnitude, monte_carlo_convergence,
                                 step_time_vs_active_blocks, survival_sweep, test_error_curves)
 from minisd.plots.runs import column, read_metrics, seed_matrix
@@ -21,7 +22,8 @@ from minisd.plots.trace_drawings import (NetworkRaster, network, network_data, s
                                          trace_event)
 
 __all__ = [
-    "survival_schedules", "gate_activity", "gradient_flow", "gradient_flow_data", "training_curves",
+    "survival_schedules", "gate_activity", "gradient_flow", "gradient_flow_data", "fit_line",
+    "stem_gradient_vs_active_blocks", "training_curves",
     "conv_filters", "feature_maps", "default_feature_layers",
     "trace_event", "trace_color_limits", "network", "network_data", "stepper_frame", "NetworkRaster",
     "gradient_magnitude", "test_error_curves", "fit_step_time", "step_time_vs_active_blocks",

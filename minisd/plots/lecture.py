@@ -6,6 +6,8 @@ also writes a PNG (150 dpi); fonts are sized for a projector.
 * :func:`gate_activity`       which blocks ran at each training step (blocks x steps)
 * :func:`gradient_flow`       gradient norm at each block's input for one step, dropped blocks marked,
                               and the gradient that reaches the stem, constant vs stochastic depth
+* :func:`stem_gradient_vs_active_blocks`  the gradient at the stem against the number of blocks
+                              that ran, over many sampled gate patterns, with a fitted line
 * :func:`training_curves`     loss, accuracy and time per epoch of runs side by side (metrics.jsonl)
 * :func:`conv_filters`        the kernels of a convolution
 * :func:`feature_maps`        what a few layers of a model make of one image
@@ -22,7 +24,8 @@ from minisd.plots.figure import (CONSTANT_COLOR, DROPPED_COLOR, KEPT_COLOR, RUN_
                                  lecture_figure, save_figure)
 from minisd.plots.runs import column, records_of
 
-__all__ = ["survival_schedules", "gate_activity", "gradient_flow", "gradient_flow_data", "training_curves",
+__all__ = ["survival_schedules", "gate_activity", "gradient_flow", "gradient_flow_data", "fit_line",
+           "stem_gradient_vs_active_blocks", "training_curves",
            "conv_filters", "feature_maps", "default_feature_layers"]
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +235,59 @@ def gradient_flow(runs: dict, log_scale: bool = True, save=None):
     return save_figure(fig, save)
 
 
+def fit_line(x, y) -> dict:
+    """Least-squares line y ≈ intercept + slope * x: {"slope", "intercept", "r2", "points"}
+    (r2: the share of y's variance the line accounts for)."""
+    x = numpy.asarray(x, dtype=float)
+    y = numpy.asarray(y, dtype=float)
+    if x.shape != y.shape or x.size < 2 or numpy.ptp(x) == 0:
+        raise ValueError(f"fit_line: expected two equal-length sequences of >= 2 numbers with x not all equal, "
+                         f"got shapes {x.shape} and {y.shape}")
+    slope, intercept = numpy.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - (residual ** 2).sum() / total if total > 0 else 1.0
+    return {"slope": float(slope), "intercept": float(intercept), "r2": float(r2), "points": int(x.size)}
+
+
+def stem_gradient_vs_active_blocks(active_blocks, stem_norms, num_blocks: int, expected_active: float | None = None,
+                                   title: str | None = None, save=None):
+    """The gradient that reaches the stem in one training step, against the number of residual
+    blocks that ran in it (one point per sampled gate pattern), with a least-squares line.
+
+    active_blocks, stem_norms: one entry per step (the L2 norm of the gradient at the first block's
+    input, as :func:`gradient_flow_data` gives it). Points at 0 blocks (every branch dropped: the
+    shortcuts only) and at ``num_blocks`` (constant depth) are marked; with ``expected_active`` (the
+    schedule's sum of p_l) the line's value there is marked too.
+    """
+    k = numpy.asarray(active_blocks, dtype=float)
+    g = numpy.asarray(stem_norms, dtype=float)
+    fit = fit_line(k, g)
+    jitter = numpy.random.default_rng(0).uniform(-0.2, 0.2, k.size)  # see overlapping points
+    with lecture_figure((10, 5.6)) as (fig, ax):
+        ax.plot(k + jitter, g, "o", color=KEPT_COLOR, alpha=0.55, ms=6, mew=0,
+                label=f"{k.size} steps, each with its own gates")
+        line = numpy.array([0.0, float(num_blocks)])
+        ax.plot(line, fit["intercept"] + fit["slope"] * line, "-", color="black", lw=2.2,
+                label=f"fit: {fit['intercept']:.3f} + {fit['slope']:.4f} per block ($R^2$ = {fit['r2']:.3f})")
+        for count, marker, color, what in ((0, "v", DROPPED_COLOR, "every branch dropped (shortcuts only)"),
+                                           (num_blocks, "s", CONSTANT_COLOR, "every block runs (constant depth)")):
+            at = k == count
+            if at.any():
+                ax.plot([count], [float(g[at].mean())], marker, color=color, ms=11, zorder=5, label=what)
+        if expected_active is not None:
+            ax.plot([expected_active], [fit["intercept"] + fit["slope"] * expected_active], "D", color=RUN_COLORS[2],
+                    ms=11, zorder=5, label=f"the line at the schedule's E[blocks] = {expected_active:.1f}")
+        ax.set_xlim(-1, num_blocks + 1)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("residual blocks that ran in the step")
+        ax.set_ylabel("‖gradient‖ at the stem (L2 norm)")
+        ax.set_title(title or "Every block that runs adds to the gradient that reaches the stem")
+        ax.legend(frameon=False, loc="upper left", fontsize=11)
+        fig.tight_layout()
+    return save_figure(fig, save)
+
+
 def _wrap_label(label: str, width: int = 14) -> str:
     words, lines, line = label.split(), [], ""
     for word in words:
@@ -249,8 +305,8 @@ def training_curves(runs, save=None):
     """Loss, accuracy and time per epoch of several runs, side by side.
 
     runs: label -> run directory (or its metrics.jsonl, or the list of its epoch records); a list of
-    paths uses the directory names as labels. Training values are solid lines,
-    validation values dashed.
+    paths uses the directory names as labels. Training values are solid lines, validation values
+    dashed; the loss on a logarithmic axis.
     """
     if not isinstance(runs, dict):
         runs = {os.path.basename(os.path.normpath(os.fspath(r))): r for r in runs}
@@ -275,7 +331,8 @@ def training_curves(runs, save=None):
                         else "")
                 ax_time.bar(epochs + (k - (len(data) - 1) / 2) * bar_width, seconds, width=bar_width,
                             color=color, alpha=0.8, label=f"{label}: {mean:.2f} s/epoch{note}")
-        ax_loss.set_ylabel("cross-entropy loss")
+        ax_loss.set_ylabel("cross-entropy loss (log scale)")
+        ax_loss.set_yscale("log")  # a loss falls over decades; one early spike must not flatten the rest
         ax_loss.set_title("Loss")
         ax_acc.set_ylabel("accuracy")
         ax_acc.set_title("Accuracy")

@@ -267,7 +267,7 @@ def branch_gradient_norms(model, save=None):
         norms.append(math.sqrt(total))
         dropped.append(block.gate is not None and not numpy.any(block.gate))
     norms, dropped = numpy.asarray(norms), numpy.asarray(dropped, dtype=bool)
-    blocks = numpy.arange(len(norms))
+    blocks = numpy.arange(1, len(norms) + 1)  # l = 1..L, as in the paper
     with lecture_figure((max(9.0, 0.32 * len(norms) + 3), 4.8)) as (fig, ax):
         ax.bar(blocks[~dropped], norms[~dropped], color=KEPT_COLOR, width=0.75, label="kept: branch ran")
         top = float(norms.max()) if norms.size else 1.0
@@ -276,10 +276,10 @@ def branch_gradient_norms(model, save=None):
                     clip_on=False, zorder=5, label="dropped: gradient exactly 0")
             for b in blocks[dropped]:
                 ax.axvspan(b - 0.4, b + 0.4, color=DROPPED_COLOR, alpha=0.12, lw=0)
-        ax.set_xlabel("residual block (0 = next to the stem)")
+        ax.set_xlabel("residual block $l$ (1 = next to the stem)")
         ax.set_ylabel("‖∂L/∂θ‖ of the branch's parameters")
         ax.set_title(f"Gradient of each block's branch after one step ({int(dropped.sum())} of {len(norms)} dropped)")
-        ax.set_xlim(-0.7, len(norms) - 0.3)
+        ax.set_xlim(0.3, len(norms) + 0.7)
         ax.set_ylim(0, top * 1.3 if top > 0 else 1)
         ax.legend(frameon=False, loc="upper right", ncol=2)
         fig.tight_layout()

@@ -22,10 +22,14 @@ __all__ = ["trace_event", "trace_color_limits", "network", "network_data", "step
 
 ACTIVATION_CMAP = "BrBG"   # forward arrays: brown negative, teal positive
 GRADIENT_CMAP = "RdBu_r"   # backward arrays: blue negative, red positive
-FLOW_CMAP = "viridis"      # gradient norms on the network map (dark small, yellow large)
+FLOW_CMAP = "viridis"      # norms on the network map's edges (dark small, yellow large)
 HIGHLIGHT_COLOR = "#FFE680"
 FRAME_SIZE = (15.0, 6.4)   # inches; every stepper frame has this size, so the widget never jumps
-FRAME_DPI = 80
+FRAME_DPI = 80             # 1200 x 512 pixels: the whole frame fits a 1280-pixel-wide projector
+# Text of a frame, in points at FRAME_DPI: 12 pt is 13.3 pixels, 10 pt where the frame is shown at
+# its natural size in a browser (96 pixels to the inch), the least a room reads off a projector.
+FRAME_TEXT = 12
+SCALES = ("layer", "stage", "shared")  # colour scales of the arrays: see trace_color_limits
 
 
 def _shown_slice(array, max_channels):
@@ -38,32 +42,44 @@ def _shown_slice(array, max_channels):
     return a.reshape(1, -1)
 
 
-def trace_color_limits(events, max_channels: int = 8, percentile: float = 99.5) -> dict:
-    """One colour scale per kind of array, shared by every frame of a walk.
+def array_kind(event) -> str:
+    """What a frame of ``event`` shows: "activation" (forward) or "gradient" (backward)."""
+    return "activation" if event.phase == "forward" else "gradient"
 
-    Returns {"activation": limit, "gradient": limit}: the ``percentile`` of |value| over everything
-    the frames show (first sample, first ``max_channels`` channels) of the forward events
-    (activations) and of the backward events (gradients). Pictures then use [-limit, limit], so a
-    gradient that shrinks from one step to the next looks fainter. (A percentile rather than the
-    maximum: one outlier would otherwise wash out every other frame.)
+
+def trace_color_limits(events, max_channels: int = 8, percentile: float = 99.5, group=None) -> dict:
+    """Colour scales of the arrays that frames show, one per kind of array (and per group).
+
+    Returns {"activation": limit, "gradient": limit}, or with ``group`` (a function of an event
+    giving a name, for example its stage) {(kind, name): limit}: the ``percentile`` of |value| over
+    everything the frames show (first sample, first ``max_channels`` channels) of the forward
+    events (activations) and of the backward events (gradients) of that group. Pictures then use
+    [-limit, limit]. One scale for the whole walk compares magnitudes (a gradient that shrinks from
+    one step to the next looks fainter) but leaves the small arrays nearly blank; one per stage
+    shows each stage's arrays. (A percentile rather than the maximum: one outlier would otherwise
+    wash out every other frame.)
     """
-    shown = {"activation": [], "gradient": []}
+    shown = {}
     for e in events:
-        kind = "activation" if e.phase == "forward" else "gradient"
+        key = array_kind(e) if group is None else (array_kind(e), group(e))
+        parts = shown.setdefault(key, [])
         for array in (e.in_array, e.out_array):
             if array is not None and getattr(array, "size", 0):
-                shown[kind].append(numpy.abs(_shown_slice(array, max_channels)).ravel().astype(float))
+                parts.append(numpy.abs(_shown_slice(array, max_channels)).ravel().astype(float))
+    if group is None:
+        shown.setdefault("activation", [])
+        shown.setdefault("gradient", [])
     limits = {}
-    for kind, parts in shown.items():
+    for key, parts in shown.items():
         values = numpy.concatenate(parts) if parts else numpy.zeros(1)
         values = values[numpy.isfinite(values)]
         limit = float(numpy.percentile(values, percentile)) if values.size else 0.0
-        limits[kind] = limit if limit > 0 else 1.0
+        limits[key] = limit if limit > 0 else 1.0
     return limits
 
 
 def _event_title(event) -> str:
-    title = f"{event.phase}: {event.label} ({event.kind})"
+    title = f"{event.phase}: {event.where} ({event.kind})"
     if event.gate is not None and event.gate != "eval":
         gate = event.gate if event.gate != "rows" else f"rows, {event.kept_fraction:.0%} kept"
         title += f"   gate: {gate}" + (", branch skipped" if event.skipped else "")
@@ -90,13 +106,13 @@ def _value_formatter():
     return FuncFormatter(lambda v, _: f"{v:.2g}")
 
 
-def _draw_event(fig, spec, event, max_channels, limits=None):
+def _draw_event(fig, spec, event, max_channels, limit=None, scope=None):
     """Draw one event into the region ``spec`` of ``fig`` (a SubplotSpec).
 
     Top row: what came in; bottom row: what went out (first sample, first channels side by side).
-    Forward shows activations, backward gradients, each kind on its own colour scale (``limits``
-    from :func:`trace_color_limits`, shared across frames; None: this event's own scale). Without
-    kept arrays, the two norms as bars.
+    Forward shows activations, backward gradients, each on the colour scale [-limit, limit]
+    (None: this event's own scale), which the colour bar names by ``scope`` ("one scale per
+    stage: layer2", ...). Without kept arrays, the two norms as bars.
     """
     import matplotlib  # noqa: PLC0415
 
@@ -108,22 +124,20 @@ def _draw_event(fig, spec, event, max_channels, limits=None):
         ax = fig.add_subplot(spec)
         ax.barh([1, 0], list(norms), color=[CONSTANT_COLOR, KEPT_COLOR])
         ax.set_yticks([1, 0])
-        ax.set_yticklabels([f"{n}\n{s}" for n, s in zip(names, shapes)], fontsize=11)
-        ax.set_xlabel("L2 norm", fontsize=12)
-        ax.tick_params(labelsize=10)
-        ax.set_title("(record with keep_arrays=True to see the arrays)", fontsize=10)
+        ax.set_yticklabels([f"{n}\n{s}" for n, s in zip(names, shapes)], fontsize=FRAME_TEXT)
+        ax.set_xlabel("L2 norm", fontsize=FRAME_TEXT)
+        ax.tick_params(labelsize=FRAME_TEXT)
+        ax.set_title("(record with keep_arrays=True to see the arrays)", fontsize=FRAME_TEXT)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
         return
-    kind = "activation" if forward else "gradient"
+    kind = array_kind(event)
     cmap = matplotlib.colormaps[ACTIVATION_CMAP if forward else GRADIENT_CMAP].with_extremes(bad="white")
     rows = [numpy.asarray(_shown_slice(event.in_array, max_channels), dtype=float),
             numpy.asarray(_shown_slice(event.out_array, max_channels), dtype=float)]
-    if limits is not None:
-        limit, scope = limits[kind], "one scale for all steps"
-    else:
-        limit = max(float(numpy.abs(r).max()) if r.size else 0.0 for r in rows) or 1.0
-        scope = "this step's scale"
+    if limit is None:  # the event's own scale: the same percentile as trace_color_limits, over this frame
+        limit = trace_color_limits([event], max_channels)[kind]
+        scope = "this layer's own scale"
     grid = spec.subgridspec(2, 2, width_ratios=[1, 0.025], wspace=0.04, hspace=0.3)
     image = None
     for r, (maps, name, shape, norm) in enumerate(zip(rows, names, shapes, norms)):
@@ -137,16 +151,17 @@ def _draw_event(fig, spec, event, max_channels, limits=None):
             image = ax.imshow(mosaic, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest",
                               aspect="equal")
             for c in range(len(maps)):
-                ax.text(c * (w + gap) + w / 2 - 0.5, -0.6, f"channel {c}", ha="center", va="bottom", fontsize=10)
+                ax.text(c * (w + gap) + w / 2 - 0.5, -0.6, f"ch {c}", ha="center", va="bottom",
+                        fontsize=FRAME_TEXT)
         else:  # (1, F): a feature vector, one strip over the row
             image = ax.imshow(maps, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest", aspect="auto")
-            ax.set_title(f"{maps.shape[1]} values", fontsize=10)
-        ax.set_ylabel(f"{name}\n{shape}\nnorm {norm:.3g}", fontsize=11, rotation=0, ha="right", va="center",
-                      labelpad=8)
+            ax.set_title(f"{maps.shape[1]} values", fontsize=FRAME_TEXT)
+        ax.set_ylabel(f"{name}\n{shape}\nnorm {norm:.3g}", fontsize=FRAME_TEXT, rotation=0, ha="right",
+                      va="center", labelpad=8)
     cax = fig.add_subplot(grid[:, 1])
     bar = fig.colorbar(image, cax=cax, format=_value_formatter())
-    bar.set_label(f"{kind} value ({scope})", fontsize=11)
-    cax.tick_params(labelsize=10)
+    bar.set_label(f"{kind} value ({scope})", fontsize=FRAME_TEXT)
+    cax.tick_params(labelsize=FRAME_TEXT)
 
 
 def trace_event(event, max_channels: int = 8, limits=None, save=None):
@@ -160,7 +175,8 @@ def trace_event(event, max_channels: int = 8, limits=None, save=None):
     has_arrays = event.in_array is not None and event.out_array is not None
     fig = new_figure((max(6.0, 1.2 * max_channels + 2.5), 4.4) if has_arrays else (7.0, 3.2))
     grid = fig.add_gridspec(1, 1, left=0.16 if has_arrays else 0.3, right=0.93, top=0.8, bottom=0.12)
-    _draw_event(fig, grid[0, 0], event, max_channels, limits)
+    limit = None if limits is None else limits[array_kind(event)]
+    _draw_event(fig, grid[0, 0], event, max_channels, limit, "one scale for all steps")
     fig.suptitle(_event_title(event), fontsize=13)
     return save_figure(fig, save)
 
@@ -169,33 +185,42 @@ def network_data(trace) -> dict:
     """What the network map draws, from one recorded step.
 
     Returns {"stem": [names], "head": [names], "stages": [(name, [block indices])], "blocks": [...]}
-    with one dict per residual block: name, stage, gate, kept_fraction, survival_prob, channels,
-    and the gradient norms of its edges in backward (NaN where nothing flowed or nothing was
-    recorded): ``entry`` (dL/dx at the block's input), ``shortcut`` (through the shortcut),
-    ``branch`` (through the branch; NaN when it was dropped) and ``exit`` (dL/dy at its output).
+    with one dict per residual block: name, l (1..L), stage, gate, kept_fraction, survival_prob,
+    channels, and under "forward" and "backward" the norms that went along its edges in that phase
+    (NaN where nothing flowed or nothing was recorded): ``entry`` (x at the block's input in forward,
+    dL/dx in backward), ``shortcut`` (out of the shortcut), ``branch`` (out of the branch; NaN when
+    it was dropped) and ``exit`` (the block's output y, or the dL/dy that reached it).
     """
     names = trace.block_names
-    forward = {e.name: e for e in trace.forward()}
-    backward = {e.name: e for e in trace.backward()}
+    events = {"forward": {e.name: e for e in trace.forward()}, "backward": {e.name: e for e in trace.backward()}}
+    nan = math.nan
+
+    def flow(phase, name):
+        found = events[phase]
+        block = found.get(name)
+        # forward runs entry -> exit (x in, y out); backward runs exit -> entry (dL/dy in, dL/dx out)
+        entry, exit_ = ((block.in_norm, block.out_norm) if phase == "forward" else (block.out_norm, block.in_norm)) \
+            if block else (nan, nan)
+        return {"entry": entry, "exit": exit_,
+                "shortcut": found[name + ".shortcut"].out_norm if name + ".shortcut" in found else nan,
+                "branch": found[name + ".branch"].out_norm if name + ".branch" in found else nan}
+
     blocks, stages = [], []
     for k, name in enumerate(names):
         stage = name.rsplit(".", 1)[0] if "." in name else ""
         if not stages or stages[-1][0] != stage:
             stages.append((stage, []))
         stages[-1][1].append(k)
-        f, b = forward.get(name), backward.get(name)
+        f, b = events["forward"].get(name), events["backward"].get(name)
         head = f or b
-        nan = math.nan
         blocks.append({
-            "name": name, "stage": stage,
+            "name": name, "l": k + 1, "stage": stage,
             "gate": head.gate if head else None,
             "kept_fraction": head.kept_fraction if head else None,
             "survival_prob": head.survival_prob if head else None,
             "channels": (f.out_shape[1] if f and len(f.out_shape) > 1 else None),
-            "entry": b.out_norm if b else nan,
-            "exit": b.in_norm if b else nan,
-            "shortcut": backward[name + ".shortcut"].out_norm if name + ".shortcut" in backward else nan,
-            "branch": backward[name + ".branch"].out_norm if name + ".branch" in backward else nan,
+            "forward": flow("forward", name),
+            "backward": flow("backward", name),
         })
     outside = {"stem": [], "head": []}
     for e in trace.forward():
@@ -205,11 +230,12 @@ def network_data(trace) -> dict:
     return {"stem": outside["stem"], "head": outside["head"], "stages": stages, "blocks": blocks}
 
 
-def _flow_norm(data):
-    """One logarithmic colour scale for every edge of the map (None if no backward was recorded)."""
+def _flow_norm(data, phase="backward"):
+    """One logarithmic colour scale for every edge of the map in ``phase`` (None if that phase was
+    not recorded)."""
     from matplotlib.colors import LogNorm  # noqa: PLC0415
 
-    values = [b[key] for b in data["blocks"] for key in ("entry", "shortcut", "branch", "exit")]
+    values = [b[phase][key] for b in data["blocks"] for key in ("entry", "shortcut", "branch", "exit")]
     values = [v for v in values if v is not None and math.isfinite(v) and v > 0]
     if not values:
         return None
@@ -219,32 +245,26 @@ def _flow_norm(data):
     return LogNorm(vmin=low, vmax=high)
 
 
-def _short_block_label(name: str) -> str:
-    """"layer2.3" -> "2.3" (the stage number and the block's index in it); other names unchanged."""
-    return name[len("layer"):] if name.startswith("layer") else (name or "block")
-
-
-def _gate_label(block) -> str:
-    """b = 1 / b = 0 (the paper's gate), or the kept share in row mode, and p_l."""
-    gate = block["gate"]
-    if gate == "rows":
-        b = f"b {block['kept_fraction']:.0%}"
-    elif gate in ("kept", "dropped"):
-        b = "b=1" if gate == "kept" else "b=0"
-    else:
-        b = ""
-    p = f"p={block['survival_prob']:.2f}".replace("0.", ".") if block["survival_prob"] is not None else ""
-    return " ".join(part for part in (_short_block_label(block["name"]), b, p) if part)
+def _block_label(block, roomy: bool) -> str:
+    """The block's number l as in the paper, with p_l where the map has room (``roomy``), and
+    the kept share of the batch in row mode. Kept or dropped is drawn (dropped: grey, hatched)."""
+    parts = [f"l={block['l']}"]
+    if block["gate"] == "rows":
+        parts.append(f"{block['kept_fraction']:.0%}")
+    if roomy and block["survival_prob"] is not None:
+        parts.append(f"p={block['survival_prob']:.2f}".replace("0.", "."))
+    return " ".join(parts)
 
 
 _COLUMN_WIDTH = 1.15  # map coordinates: one column per stage, one unit per block row
 _MAIN_DX = 0.14       # the main line's x inside a column
-_STEM_Y = 1.3         # the stem box's centre, above the first row
+_STEM_Y = 1.3         # the stem box's centre, above the first row (raised where the stage headers need it)
+_ROOMY_ROWS = 9       # up to this many blocks per stage, a block's label also gives p_l
 
 
 def _map_text_size(data) -> float:
-    rows = max([len(ks) for _, ks in data["stages"]] or [1])
-    return 10 if rows <= 9 else 8 if rows <= 14 else 6.5
+    """One size for every text on the map: FRAME_TEXT, whatever the depth (the labels shorten)."""
+    return FRAME_TEXT
 
 
 def _highlight_box(data, place):
@@ -256,7 +276,8 @@ def _highlight_box(data, place):
         return "all"
     stages = data["stages"] or [("", [])]
     if place.region == "stem":
-        return (-0.02, _STEM_Y - 0.38, 1.16, 0.76, False) if data["stem"] else None
+        stem_y = data.get("stem_y", _STEM_Y)
+        return (-0.02, stem_y - 0.38, 1.16, 0.76, False) if data["stem"] else None
     if place.region == "head":
         last_rows = len(stages[-1][1])
         return ((len(stages) - 1) * _COLUMN_WIDTH - 0.02, -last_rows - 0.98, 1.16, 0.76, False) if data["head"] else None
@@ -294,8 +315,9 @@ def _mark(ax, box, phase, text_size, to_axes=None):
     ax.text(tx, ty, arrow, ha="right" if arrow_left else "left", va="center", fontsize=text_size + 3, zorder=6)
 
 
-def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
-    """Draw the network map into ``ax`` (and its colour bar into ``cax``); see :func:`network`.
+def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None, phase="backward"):
+    """Draw the network map into ``ax`` (and its colour bar into ``cax``), its edges coloured by
+    the norms of ``phase`` (activations in forward, gradients in backward); see :func:`network`.
 
     Coordinates: one column per stage, 1.15 wide; block rows one unit tall, the first at y = 0 .. -1.
     Inside a row the main line runs down at x = 0.14 (entry, shortcut, exit) and the branch is a
@@ -308,13 +330,13 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     from matplotlib.patches import FancyBboxPatch  # noqa: PLC0415
 
     data = data if data is not None else network_data(trace)
-    norm = norm if norm is not None else _flow_norm(data)
+    norm = norm if norm is not None else _flow_norm(data, phase)
     cmap = matplotlib.colormaps[FLOW_CMAP]
     grey = "#A8A8A8"
 
     # Every edge colour in one vectorised call (a colour map called per value is slow).
     keys = ("entry", "shortcut", "branch", "exit")
-    values = numpy.array([[b[key] for key in keys] for b in data["blocks"]], dtype=float).reshape(-1, len(keys))
+    values = numpy.array([[b[phase][key] for key in keys] for b in data["blocks"]], dtype=float).reshape(-1, len(keys))
     usable = numpy.isfinite(values) & (values > 0)
     rgba = cmap(norm(numpy.where(usable, values, 1.0))) if norm is not None and values.size else None
     edge_colours = [{key: (tuple(rgba[k, j]) if rgba is not None and usable[k, j] else grey)
@@ -322,7 +344,16 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
 
     stages = data["stages"] or [("", [])]
     rows = max(len(ks) for _, ks in stages)
+    roomy = rows <= _ROOMY_ROWS
     text_size = _map_text_size(data)
+    # Room above the first row for the stage headers (one line of text) and the stem box: a line's
+    # height in map units depends on how many rows share the axes' height, so it is solved for here.
+    line_px = 1.5 * text_size * fig.dpi / 72
+    axes_px = ax.get_position().height * fig.get_figheight() * fig.dpi
+    px_per_unit = max(1e-6, (axes_px - line_px) / (rows + 1.05 + 0.12 + 0.1 + 0.76 + 0.1))
+    stem_y = max(_STEM_Y, 0.12 + line_px / px_per_unit + 0.1 + 0.38)
+    data["stem_y"] = stem_y
+    x_px_per_unit = ax.get_position().width * fig.get_figwidth() * fig.dpi / (len(stages) * _COLUMN_WIDTH + 0.1)
     main_dx, width = _MAIN_DX, _COLUMN_WIDTH
     solid, solid_colours, solid_widths, dashed = [], [], [], []
     joins_x, joins_y = [], []
@@ -331,12 +362,13 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
         x0 = column * width
         main = x0 + main_dx
         channels = data["blocks"][ks[0]]["channels"] if ks else None
-        ax.text(x0 + 0.5, 0.12, (stage or "blocks") + (f" ({channels} ch)" if channels else ""), ha="center",
-                va="bottom", fontsize=text_size + 1, fontweight="bold")
+        numbers = f"l={data['blocks'][ks[0]]['l']}-{data['blocks'][ks[-1]]['l']}" if ks else (stage or "blocks")
+        ax.text(x0 + 0.5, 0.12, numbers + (f", {channels} ch" if channels else ""), ha="center",
+                va="bottom", fontsize=text_size, fontweight="bold")
         for row, k in enumerate(ks):
             b = data["blocks"][k]
             y0 = -row
-            dropped = b["gate"] == "dropped" or not math.isfinite(b["branch"]) and b["gate"] == "rows"
+            dropped = b["gate"] == "dropped" or not math.isfinite(b[phase]["branch"]) and b["gate"] == "rows"
             for (ya, yb), key in (((y0, y0 - 0.15), "entry"), ((y0 - 0.15, y0 - 0.85), "shortcut"),
                                   ((y0 - 0.85, y0 - 1.0), "exit")):
                 solid.append([(main, ya), (main, yb)])
@@ -357,7 +389,7 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
                                         edgecolor=grey if dropped else edge_colours[k]["branch"],
                                         hatch="///" if dropped else None, lw=1.8, ls="--" if dropped else "-",
                                         zorder=3))
-            ax.text(mid, y0 - 0.5, _gate_label(b), ha="center", va="center", fontsize=text_size,
+            ax.text(mid, y0 - 0.5, _block_label(b, roomy), ha="center", va="center", fontsize=text_size,
                     color="#333333" if dropped else "black", zorder=4,
                     bbox=dict(facecolor="#E8E8E8", edgecolor="none", pad=0.3) if dropped else None)
             joins_x.append(main)
@@ -369,14 +401,18 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
         x0 = column * width
         ax.add_patch(FancyBboxPatch((x0 + 0.02, y - 0.32), 1.08, 0.64, boxstyle="round,pad=0,rounding_size=0.1",
                                     facecolor="#F2F2F2", edgecolor="black", lw=1.2, zorder=3))
-        ax.text(x0 + 0.56, y, f"{what}: " + ", ".join(names), ha="center", va="center", fontsize=text_size - 1,
-                zorder=4)
+        # The layers' names, where they fit in the box on one line at the map's text size (a
+        # character is about 0.55 of the text size wide); else the word alone.
+        label = f"{what}: " + ", ".join(names)
+        if len(label) * 0.55 * text_size * fig.dpi / 72 > 1.08 * x_px_per_unit:
+            label = what
+        ax.text(x0 + 0.56, y, label, ha="center", va="center", fontsize=text_size, zorder=4)
 
     last_rows = len(stages[-1][1])
-    end_box(_STEM_Y, data["stem"], "stem", 0)
+    end_box(stem_y, data["stem"], "stem", 0)
     end_box(-last_rows - 0.6, data["head"], "head", len(stages) - 1)
     if data["stem"] and stages[0][1]:
-        solid.append([(main_dx, 0.98), (main_dx, 0.0)])
+        solid.append([(main_dx, stem_y - 0.32), (main_dx, 0.0)])
         solid_colours.append(edge_colours[0]["entry"])
         solid_widths.append(3.0)
     if data["head"] and last_rows:
@@ -391,38 +427,42 @@ def _draw_network(fig, ax, cax, trace, highlight=None, data=None, norm=None):
     if highlight is not None:
         _mark(ax, _highlight_box(data, trace.place(highlight)), highlight.phase, text_size)
     ax.set_xlim(-0.1, len(stages) * width)
-    ax.set_ylim(-rows - 1.05, 1.75)
+    ax.set_ylim(-rows - 1.05, stem_y + 0.45)
     bare_axes(ax)
     n_dropped = sum(1 for b in data["blocks"] if b["gate"] == "dropped")
-    ax.set_title(f"The network: {len(data['blocks'])} residual blocks, {n_dropped} dropped (b=0, hatched)\n"
-                 "forward: top to bottom, one column per stage", fontsize=text_size + 1)
+    ax.set_title(f"{len(data['blocks'])} blocks, {n_dropped} dropped (b=0, hatched)\n"
+                 "forward runs down each column", fontsize=text_size)
     if cax is not None:
+        what = "activation norm on each edge (forward)" if phase == "forward" else \
+            "gradient norm on each edge (backward)"
         if norm is None:
             cax.axis("off")
-            cax.text(0.5, 0.5, "no backward recorded: edges grey", ha="center", va="center", fontsize=10)
+            cax.text(0.5, 0.5, f"no {phase} recorded: edges grey", ha="center", va="center", fontsize=text_size)
         else:
             from matplotlib.cm import ScalarMappable  # noqa: PLC0415
             from matplotlib.ticker import LogLocator, NullFormatter  # noqa: PLC0415
 
             bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
-            bar.set_label("gradient norm through each edge in backward", fontsize=10)
-            cax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=6))
+            bar.set_label(what, fontsize=text_size)
+            cax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0), numticks=5))
             cax.xaxis.set_major_formatter(_value_formatter())
             cax.xaxis.set_minor_formatter(NullFormatter())
-            cax.tick_params(labelsize=9)
+            cax.tick_params(labelsize=text_size)
 
 
-def network(trace, highlight=None, save=None):
+def network(trace, highlight=None, phase: str | None = None, save=None):
     """A map of the traced network: the stem, every residual block as a shortcut beside a branch,
-    and the head, one column per stage.
+    and the head, one column per stage, each block labelled with its number l = 1..L.
 
-    Dropped branches are grey and hatched, labelled with their gate and p_l. Each edge is
-    coloured by the norm of the gradient that flowed through it in backward (entry, shortcut,
-    branch, exit), on one logarithmic scale for the whole map, so a dropped block shows the
-    gradient going around it through the shortcut. ``highlight``: an event of the trace, whose
-    place (stem, a block's branch or shortcut, the whole block, the head) is marked, with an arrow
-    down for forward or up for backward.
+    Dropped branches are grey and hatched. Each edge is coloured by the norm of what went along it
+    in ``phase`` (entry, shortcut, branch, exit): activations in forward, gradients in backward, on
+    one logarithmic scale for the whole map, so a dropped block shows the flow going around it
+    through the shortcut. phase: None takes the highlighted event's phase, else backward when it
+    was recorded. ``highlight``: an event of the trace, whose place (stem, a block's branch or
+    shortcut, the whole block, the head) is marked, with an arrow down for forward or up for backward.
     """
+    if phase is None:
+        phase = highlight.phase if highlight is not None else ("backward" if trace.backward() else "forward")
     data = network_data(trace)
     stages = max(1, len(data["stages"]))
     rows = max([len(ks) for _, ks in data["stages"]] or [1])
@@ -430,7 +470,7 @@ def network(trace, highlight=None, save=None):
     grid = fig.add_gridspec(2, 1, height_ratios=[1, 0.035], left=0.02, right=0.98, top=0.9, bottom=0.1,
                             hspace=0.12)
     ax, cax = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
-    _draw_network(fig, ax, cax, trace, highlight, data)
+    _draw_network(fig, ax, cax, trace, highlight, data, phase=phase)
     return save_figure(fig, save)
 
 
@@ -442,22 +482,25 @@ def _frame_grid(fig):
 
 
 class NetworkRaster:
-    """The network map of a walk drawn once, as pixels, in the place it takes in a stepper frame.
+    """The network map of a walk in one phase drawn once, as pixels, in the place it takes in a
+    stepper frame (forward frames colour its edges by activation norms, backward frames by
+    gradient norms: one raster each).
 
-    The map is the same in every frame but for the mark on the current place, and drawing its
-    hundreds of lines, boxes and labels is most of a frame's cost; a frame pastes these pixels and
-    draws only the mark (see :func:`stepper_frame`), about twice as fast.
+    The map is the same in every frame of a phase but for the mark on the current place, and
+    drawing its hundreds of lines, boxes and labels is most of a frame's cost; a frame pastes these
+    pixels and draws only the mark (see :func:`stepper_frame`).
     """
 
-    def __init__(self, trace, data=None, norm=None):
+    def __init__(self, trace, data=None, norm=None, phase: str = "backward"):
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
 
+        self.phase = phase
         self.data = data if data is not None else network_data(trace)
-        self.norm = norm if norm is not None else _flow_norm(self.data)
+        self.norm = norm if norm is not None else _flow_norm(self.data, phase)
         fig = new_figure(FRAME_SIZE, dpi=FRAME_DPI)
         _, cell, right = _frame_grid(fig)
         ax = fig.add_subplot(right[0])
-        _draw_network(fig, ax, fig.add_subplot(right[1]), trace, None, self.data, self.norm)
+        _draw_network(fig, ax, fig.add_subplot(right[1]), trace, None, self.data, self.norm, phase)
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
         pixels = numpy.asarray(canvas.buffer_rgba())
@@ -484,21 +527,26 @@ class NetworkRaster:
         return ax
 
 
-def stepper_frame(trace, event, title: str = "", limits=None, max_channels: int = 8, data=None, norm=None,
-                  raster: NetworkRaster | None = None):
+def stepper_frame(trace, event, title: str = "", limit=None, scope=None, max_channels: int = 8, data=None,
+                  norm=None, raster: NetworkRaster | None = None):
     """One frame of the stepper: the event's picture (left) beside the network map with the event's
-    place marked (right). Always :data:`FRAME_SIZE`, so frames replace each other without moving.
+    place marked (right), its edges coloured by the norms of the event's phase. Always
+    :data:`FRAME_SIZE`, so frames replace each other without moving.
 
-    limits, data, norm: the shared colour limits (:func:`trace_color_limits`), the map's data
-    (:func:`network_data`) and its colour scale, computed once per walk by the caller (computed
-    here when None). raster: the map drawn once (:class:`NetworkRaster`); None draws it here.
+    limit, scope: the colour scale of the event's arrays and its name for the colour bar (None:
+    the event's own scale). data, norm: the map's data (:func:`network_data`) and its colour scale
+    for this phase, computed once per walk by the caller (computed here when None). raster: the
+    map of this phase drawn once (:class:`NetworkRaster`); None draws it here.
     """
+    if raster is not None and raster.phase != event.phase:
+        raise ValueError(f"stepper_frame: a {event.phase} event needs the {event.phase} map, got the {raster.phase} one")
     fig = new_figure(FRAME_SIZE, dpi=FRAME_DPI)
     left, _, right = _frame_grid(fig)
-    _draw_event(fig, left, event, max_channels, limits)
+    _draw_event(fig, left, event, max_channels, limit, scope)
     if raster is not None:
         raster.paste(fig, trace, event)
     else:
-        _draw_network(fig, fig.add_subplot(right[0]), fig.add_subplot(right[1]), trace, event, data, norm)
+        _draw_network(fig, fig.add_subplot(right[0]), fig.add_subplot(right[1]), trace, event, data, norm,
+                      event.phase)
     fig.suptitle((title + "   " if title else "") + _event_title(event), fontsize=14, x=0.01, ha="left")
     return fig

@@ -82,7 +82,7 @@ class GradientMagnitudes:
         # One float32 |g| sum per parameter array, added up per block, then the blocks' totals
         # gathered into one float64 vector: fewer small array operations per step than a running
         # float64 sum per array and block (NumPy's pairwise float32 sums stay within about 1e-7 of
-        # float64 at these sizes). Measured: docs/performance.md, "Gradient logging".
+        # float64 at these sizes). Measured: docs/performance.md#gradient-logging
         totals = xp.stack([sum(xp.abs(g).sum() for m in self.branch_modules[i] for g in m.grads.values())
                            for i in ran]).astype(xp.float64)
         if self._sizes is None or backend.array_module(self._sizes) is not xp:  # once (and after model.to())

@@ -1,4 +1,4 @@
-"""Reference solution of notebooks/exercises/02_batch_norm_backward.ipynb."""
+"""Reference solution of notebooks/exercises/03_batch_norm_backward.ipynb."""
 import numpy as np
 
 

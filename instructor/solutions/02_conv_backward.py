@@ -1,4 +1,4 @@
-"""Reference solution of notebooks/exercises/01_conv_backward.ipynb."""
+"""Reference solution of notebooks/exercises/02_conv_backward.ipynb."""
 from minisd import functional as F
 
 

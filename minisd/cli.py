@@ -9,20 +9,25 @@
 
 Errors the user can fix (missing data, a corrupted file, a bad option or environment variable,
 no GPU, a run folder in use) print one line to stderr and exit with status 1 (2 for a bad command
-line), without a traceback.
+line), without a traceback. Ctrl-C at any moment, even while NumPy is still being imported,
+prints one line and exits with 130; SIGTERM during training saves like Ctrl-C and exits with 143.
+
+This module imports only the standard library at the top: NumPy and minisd's array code are
+imported inside :func:`main`, where a Ctrl-C is caught.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
 import warnings
 
-from minisd import __version__, backend, kernels, models
-
+from minisd import __version__  # minisd/__init__ imports nothing heavy: NumPy comes inside main
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DATASETS = ("digits", "cifar10")
 
 
 def _usage_error(parser, message):
@@ -41,9 +46,12 @@ def _number(convert, low, high, expected):
 
     def parse(text):
         try:
+            if len(text) > 40:  # 400 digits: refused by size before Python converts them
+                raise ValueError
             value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+            shown = text if len(text) <= 20 else text[:20] + "..."
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
@@ -52,12 +60,37 @@ def _number(convert, low, high, expected):
 
 
 _positive_int = _number(int, 1, float("inf"), "a whole number >= 1")
-_seed = _number(int, 0, float("inf"), "a whole number >= 0")
+_batch_size = _number(int, 2, float("inf"), "a whole number >= 2 (batch norm needs two samples)")
 _count = _number(int, 0, float("inf"), "a whole number >= 0")
 _probability = _number(float, 0.0, 1.0, "a number in [0, 1]")
 
 
+def _epochs(text):
+    from minisd.training.settings import MAX_EPOCHS  # noqa: PLC0415  (NumPy: imported inside main)
+
+    return _number(int, 1, MAX_EPOCHS, f"a whole number from 1 to {MAX_EPOCHS:,}")(text)
+
+
+def _seed(text):
+    from minisd.training.settings import MAX_SEED  # noqa: PLC0415
+
+    return _number(int, 0, MAX_SEED, "a whole number from 0 to 2**63 - 1")(text)
+
+
+def _path(expected):
+    """An argparse type: a non-empty path (an unset shell variable gives '')."""
+
+    def parse(text):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return text
+
+    return parse
+
+
 def _depth(text):
+    from minisd import models  # noqa: PLC0415
+
     value = _positive_int(text)
     try:
         models.blocks_per_stage(value)  # the one place that knows the 6n + 2 rule
@@ -71,6 +104,8 @@ _RESUME_OVERRIDABLE = ("backend", "kernels", "data_dir")
 
 
 def _add_kernels(p):
+    from minisd import kernels  # noqa: PLC0415
+
     p.add_argument("--kernels", choices=tuple(kernels.TIERS),
                    help="kernel tier: fast (default, or $MINISD_KERNELS) or reference, the textbook code "
                         "of minisd/functional.py (same results, several times slower)")
@@ -80,11 +115,13 @@ def _add_train(sub):
     from minisd.training import Settings  # noqa: PLC0415
 
     d = Settings()
-    p = sub.add_parser("train", help="train a stochastic-depth ResNet",
+    p = sub.add_parser("train", help="train a stochastic-depth ResNet", allow_abbrev=False,
                        description="Train a stochastic-depth ResNet (Huang et al. 2016) and report the test "
                                    "accuracy of the checkpoint with the best validation accuracy.")
-    p.add_argument("dataset", nargs="?", choices=("digits", "cifar10"), default=None,
-                   help=f"digits (packaged with minisd, default) or cifar10 (needs --data-dir)")
+    # No `choices` here: checked after parsing, so that `--depht 20` is reported as an unknown
+    # option, not as the invalid dataset "20".
+    p.add_argument("dataset", nargs="?", default=None, metavar="{digits,cifar10}",
+                   help="digits (packaged with minisd, default) or cifar10 (needs --data-dir)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin/ or cifar-10-batches-py/ (nothing is downloaded)")
     p.add_argument("--depth", type=_depth, help=f"ResNet depth 6n+2 (default {d.depth}; the paper: 110)")
     p.add_argument("--schedule", choices=("linear", "uniform", "none"),
@@ -96,8 +133,8 @@ def _add_train(sub):
                    "or per sample (row)")
     p.add_argument("--scale", choices=("eval", "train"), help="scale branches by p_l at test time (eval, the paper) "
                    "or divide kept branches by p_l in training (train)")
-    p.add_argument("--epochs", type=_positive_int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=_positive_int, help=f"default {d.batch_size}")
+    p.add_argument("--epochs", type=_epochs, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=_batch_size, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr}); what happens to it next is "
                    "--lr-schedule's")
     p.add_argument("--lr-schedule", choices=("step", "cosine", "constant"),
@@ -116,31 +153,55 @@ def _add_train(sub):
     p.add_argument("--backend", choices=("numpy", "cupy"), help="array backend (default: numpy, or $MINISD_BACKEND)")
     _add_kernels(p)
     p.add_argument("--seed", type=_seed, help=f"default {d.seed}")
-    p.add_argument("--out", help="run folder (default: runs/<dataset>-resnet<depth>-<schedule>-seed<seed>)")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or from this checkpoint file)")
+    p.add_argument("--out", type=_path("a folder name"),
+                   help="run folder: new, empty, or one minisd made (default: "
+                        "runs/<dataset>-resnet<depth>-<schedule>-seed<seed>)")
+    p.add_argument("--resume", metavar="RUN", type=_path("a run folder or a checkpoint file"),
+                   help="continue the run in this folder (or from this checkpoint file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="minisd", description="Stochastic-depth ResNets with hand-written backprop.")
+    parser = _Parser(prog="minisd", description="Stochastic-depth ResNets with hand-written backprop.",
+                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,gradcheck,bench}")
     _add_train(sub)
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint", description="Evaluate a checkpoint on a split "
-                       "of the dataset it was trained on (every branch runs, scaled by its rule).")
-    p.add_argument("checkpoint", help="a .npz checkpoint, or a run folder (its best.npz)")
+                       "of the dataset it was trained on (every branch runs, scaled by its rule).", allow_abbrev=False)
+    p.add_argument("checkpoint", type=_path("a checkpoint file or a run folder"),
+                   help="a .npz checkpoint, or a run folder (its best.npz)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--data-dir", help="where the CIFAR-10 files are now, if they moved")
     p.add_argument("--backend", choices=("numpy", "cupy"))
     _add_kernels(p)
     p = sub.add_parser("gradcheck", help="finite-difference check of a small ResNet with dropped blocks",
                        description="Directional gradient check (float64) of a small ResNet with a fixed mix "
-                                   "of kept and dropped blocks.")
+                                   "of kept and dropped blocks.", allow_abbrev=False)
     p.add_argument("--depth", type=_depth, default=14)
     p.add_argument("--seed", type=_seed, default=0)
     _add_kernels(p)
     sub.add_parser("bench", help="timings (arguments go to minisd.bench)", add_help=False)
+    parser.commands = dict(sub.choices)  # for the unknown-option message
     return parser
+
+
+def _parse(parser, argv):
+    """parse_args, but an unknown option is reported as such (with the closest known one) before
+    anything else, and the dataset is checked after the options."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands.get(args.command, parser)
+        first = next((u for u in unknown if u.startswith("-")), None)
+        if first is None:
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        known = [o[2:] for action in command._actions for o in action.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(first.split("=", 1)[0].lstrip("-"), known, n=1)
+        command.error(f"unrecognized option {first!r}" + (f"; did you mean --{close[0]}?" if close else ""))
+    if args.command == "train" and args.dataset is not None and args.dataset not in DATASETS:
+        parser.commands["train"].error(f"argument dataset: invalid choice: {args.dataset!r} (choose from "
+                                       f"{', '.join(DATASETS)})")
+    return args
 
 
 def _error(message) -> int:
@@ -154,7 +215,7 @@ def _cmd_train(args, parser) -> int:
     names = [f.name for f in dataclasses.fields(training.Settings)]
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     progress = False if args.quiet else None
-    if args.resume:
+    if args.resume is not None:
         extra = sorted(set(given) - set(_RESUME_OVERRIDABLE)) + (["out"] if args.out else [])
         if extra:
             options = ", ".join("--" + k.replace("_", "-") for k in extra)
@@ -188,7 +249,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_gradcheck(args) -> int:
     import numpy  # noqa: PLC0415
 
-    from minisd import gradcheck, models  # noqa: PLC0415
+    from minisd import backend, gradcheck, kernels, models  # noqa: PLC0415
 
     model = models.resnet_cifar(depth=args.depth, num_classes=10, in_channels=3, seed=args.seed, dtype="float64")
     gates = [(i % 3) != 1 for i in range(len(model.blocks))]  # keep, drop, keep, keep, drop, ...
@@ -223,7 +284,7 @@ def _check_bench_arguments(bench, argv) -> None:
 
 
 def _cmd_bench(argv) -> int:
-    from minisd import bench  # noqa: PLC0415
+    from minisd import backend, bench  # noqa: PLC0415
 
     _check_bench_arguments(bench, argv)
     problem = _environment_problem(None)
@@ -240,9 +301,15 @@ def _environment_problem(backend_option, kernels_option=None) -> str | None:
 
     A --backend option replaces MINISD_BACKEND, even one that names no backend; --kernels likewise.
     """
+    from minisd import backend, kernels  # noqa: PLC0415
+    from minisd.kernels import parallel  # noqa: PLC0415
+
     threads = os.environ.get("MINISD_NUM_THREADS", "").strip()
-    if threads and not (threads.isdigit() and int(threads) >= 1):
-        return f"MINISD_NUM_THREADS must be a whole number >= 1 (threads for CPU convolutions), got {threads!r}"
+    if threads:
+        try:
+            parallel.threads_from_environment(threads)
+        except ValueError as exc:
+            return str(exc)
     try:
         if backend_option:
             backend.use(backend_option)
@@ -258,15 +325,24 @@ def _environment_problem(backend_option, kernels_option=None) -> str | None:
 
 
 def main(argv=None) -> int:
+    """The `minisd` command (the console entry point): the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C at any moment outside training, NumPy's import included
+        print("minisd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # everything after `bench` belongs to minisd.bench
         return _cmd_bench(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from minisd import data, training  # noqa: PLC0415
+    from minisd import backend, data, training  # noqa: PLC0415
 
     # NumPy's overflow warnings would bury the one line: training and evaluation check for
     # non-finite losses and weights themselves and say where it happened.
@@ -283,10 +359,7 @@ def main(argv=None) -> int:
             return _cmd_gradcheck(args)
     except training.TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("minisd: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + exc.signum  # 130 for Ctrl-C, 143 for SIGTERM: what a shell reports for the signal
     except (data.DataError, training.CheckpointError, training.SettingsError, training.RunFolderError,
             training.NonFiniteLossError, backend.BackendUnavailable) as exc:
         return _error(exc)

@@ -154,6 +154,10 @@ def load_digits(val_size: int = 180, test_size: int = 360, split_seed: int = 0) 
     """
     images, labels = read_digits_file()
     images = images.reshape(-1, 1, 8, 8)  # values 0..16
+    available = len(labels) - test_size  # the images outside the test split
+    if test_size >= 0 and not 0 <= val_size < available:
+        raise DataError(f"cannot hold out {val_size} validation images from the {available} digits outside the "
+                        f"test split and keep some for training (choose a smaller --val-size)")
     tr, va, te = _split_indices(len(labels), val_size, test_size, split_seed)
     (xtr, xva, xte), mean, std = _normalise(images[tr], images[va], images[te])
     return Dataset("digits", Split(xtr, labels[tr]), Split(xva, labels[va]), Split(xte, labels[te]),

@@ -19,8 +19,20 @@ from minisd.residual import BasicBlock, expected_active_blocks, make_schedule
 __all__ = ["ResNetCifar", "resnet_cifar", "blocks_per_stage"]
 
 
+def _whole_number(name, value, low) -> int:
+    """``value`` if it is a whole number >= ``low`` (TypeError for 20.0, "20" or True; ValueError below ``low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
+        raise TypeError(f"resnet_cifar: {name} must be a whole number, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"resnet_cifar: {name} must be >= {low}, got {value}")
+    return int(value)
+
+
 def blocks_per_stage(depth: int) -> int:
-    """n for depth = 6n + 2; ValueError for any other depth."""
+    """n for depth = 6n + 2; TypeError for a depth that is not a whole number, ValueError for any other depth."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, numpy.integer)):
+        raise TypeError(f"resnet_cifar: depth must be a whole number 6n + 2 (20, 32, 44, 56, 110, 1202, ...), "
+                        f"got {depth!r} ({type(depth).__name__})")
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"resnet_cifar: depth must be 6n + 2 (20, 32, 44, 56, 110, 1202, ...), got {depth}")
     return (depth - 2) // 6
@@ -37,7 +49,9 @@ class ResNetCifar(Module):
                  mode="batch", scale="eval", shortcut="zero_pad", seed=0, dtype=None):
         super().__init__()
         n = blocks_per_stage(depth)
-        self.depth, self.num_classes, self.in_channels = int(depth), int(num_classes), int(in_channels)
+        num_classes = _whole_number("num_classes", num_classes, 1)
+        in_channels = _whole_number("in_channels", in_channels, 1)
+        self.depth, self.num_classes, self.in_channels = int(depth), num_classes, in_channels
         self.schedule, self.final_survival = schedule, float(final_survival)
         init_rng = numpy.random.default_rng(seed)
         # Gates have their own stream, so changing the schedule never changes the initial weights.

@@ -72,13 +72,23 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, expected", [
     (["train", "mnist"], "invalid choice: 'mnist'"),
-    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--bogus"], "unrecognized option '--bogus'"),
     (["train", "--depth", "10"], "depth must be 6n + 2"),
     (["train", "--final-survival", "1.5"], "expected a number in [0, 1]"),
     (["train", "--schedule", "cubic"], "invalid choice: 'cubic'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["train", "--seed", "-1"], "expected a whole number >= 0"),
-    (["train", "--epochs", "0"], "expected a whole number >= 1"),
+    (["train", "--seed", "-1"], "expected a whole number from 0 to 2**63 - 1"),
+    (["train", "--epochs", "0"], "expected a whole number from 1 to 1,000,000"),
+    # issue 27: absurd values get one line too
+    (["train", "--depht", "20"], "unrecognized option '--depht'; did you mean --depth?"),
+    (["train", "cifar10", "--epoch", "3"], "unrecognized option '--epoch'; did you mean --epochs?"),
+    (["train", "--epochs", "9" * 400], "expected a whole number from 1 to 1,000,000, got '999"),
+    (["train", "--batch-size", "1"], "expected a whole number >= 2 (batch norm needs two samples), got 1"),
+    (["train", "--batch-size", "0"], "expected a whole number >= 2"),
+    (["train", "--resume", ""], "argument --resume: expected a run folder or a checkpoint file, got ''"),
+    (["train", "--out", ""], "argument --out: expected a folder name, got ''"),
+    (["evaluate", ""], "expected a checkpoint file or a run folder, got ''"),
+    (["train", "--seed", "1" + "0" * 30], "expected a whole number from 0 to 2**63 - 1"),
 ])
 def test_bad_command_lines_give_one_line_and_exit_2(capsys, argv, expected):
     line = one_error_line(capsys, run_main(argv), expected_code=2)
@@ -175,9 +185,13 @@ def _environment(monkeypatch, name, value):
 
 @pytest.mark.parametrize("name, value, expected", [
     ("MINISD_BACKEND", "garbage", "MINISD_BACKEND=garbage: backend.use: unknown backend 'garbage'"),
-    ("MINISD_NUM_THREADS", "abc", "MINISD_NUM_THREADS must be a whole number >= 1"),
-    ("MINISD_NUM_THREADS", "0", "MINISD_NUM_THREADS must be a whole number >= 1 (threads for CPU convolutions), "
-                                "got '0'"),
+    ("MINISD_NUM_THREADS", "abc", "MINISD_NUM_THREADS must be a whole number from 1 to 1024"),
+    ("MINISD_NUM_THREADS", "0", "MINISD_NUM_THREADS must be a whole number from 1 to 1024 (threads for CPU "
+                                "convolutions), got '0'"),
+    # issue 27: str.isdigit() accepts "²" (and int() then fails); 400 digits would be a traceback too
+    ("MINISD_NUM_THREADS", "\u00b2", "MINISD_NUM_THREADS must be a whole number from 1 to 1024 (threads for CPU "
+                                     "convolutions), got '\u00b2'"),
+    ("MINISD_NUM_THREADS", "9" * 400, "MINISD_NUM_THREADS must be a whole number from 1 to 1024"),
 ])
 @pytest.mark.parametrize("command", [["gradcheck", "--depth", "8"], ["bench", "--steps", "1"], ["evaluate", "x"]])
 def test_bad_environment_variables_give_one_line(monkeypatch, capsys, name, value, expected, command):

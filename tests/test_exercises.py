@@ -752,3 +752,40 @@ def test_notebooks_solved_unsolved_and_delegated(state, log_runs, monkeypatch):
     executed = run_exercises.execute_together(paths, state)
     problems = {os.path.basename(p): run_exercises.problems_in(nb, p, state) for p, nb in executed.items()}
     assert not any(problems.values()), problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 27: answers that would break the checker itself, and numbers of the wrong kind
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_block_backward_that_deletes_the_counted_backward_does_not_break_the_cleanup():
+    def block_backward(blk, dy, saved):
+        dx = per_sample_block_backward(blk, dy, saved)
+        del blk.branch.backward  # removes the checker's counting wrapper
+        return dx
+
+    report = exercises.check_block_backward(block_backward)
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("answer, phrase", [
+    (lambda f, s, p: np.maximum(p * f + s, 0) + 0j, "y holds complex numbers, not numbers"),
+    (lambda f, s, p: np.maximum(p * f + s, 0).astype(str), "y holds text, not numbers"),
+])
+def test_arrays_of_the_wrong_kind_are_refused_in_one_line(answer, phrase):
+    one_line(exercises.check_test_time_rule(answer), phrase)
+
+
+@pytest.mark.parametrize("answer, phrase", [
+    (lambda L, p: "05", "linear_decay's result is a str, not a list of 3 probabilities"),
+    (lambda L, p: {l: 1 - l / L * (1 - p) for l in range(1, L + 1)}, "linear_decay's result is a dict"),
+    (lambda L, p: [True] * L, "linear_decay's result holds true/false values, not numbers"),
+])
+def test_schedules_of_the_wrong_kind_are_refused(answer, phrase):
+    one_line(exercises.check_schedule(answer), phrase)
+
+
+def test_a_schedule_given_as_a_generator_is_still_an_answer():
+    report = exercises.check_schedule(lambda L, p: (1 - l / L * (1 - p) for l in range(1, L + 1)))
+    assert report.passed, str(report)

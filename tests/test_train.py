@@ -417,7 +417,7 @@ def test_a_folder_without_a_checkpoint_is_reused_or_resumed_as_a_fresh_start(tmp
     run.mkdir()
     (run / "settings.json").write_text(json.dumps(tiny(epochs=3).to_dict()))
     (run / "metrics.jsonl").write_text("")
-    (run / ".tmp-0123abcd.npz").write_bytes(b"PK\x03\x04 half a zip")
+    (run / ".tmp-0123456789ab.npz").write_bytes(b"PK\x03\x04 half a zip")  # a name write_atomically gives
     lines = []
     resumed = training.resume(run, log=lines.append, progress=False)
     assert any("no checkpoint in" in line and "starting it again from the beginning" in line for line in lines)

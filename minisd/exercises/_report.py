@@ -125,18 +125,34 @@ def host(a):
     return numpy.asarray(backend.to_numpy(a), dtype=numpy.float64)
 
 
+_NOT_NUMBERS = {"b": "true/false values", "c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects",
+                "V": "records", "M": "dates", "m": "time spans"}
+
+
+def as_numbers(value, name, expected: str, kinds="iuf"):
+    """The student's value as a float64 host array if it holds real numbers; else a StudentError
+    saying what it is instead (None, text, a dict, true/false values, complex numbers, objects:
+    a float64 cast would turn "1.5" and True into numbers and drop an imaginary part with a warning).
+    ``expected`` completes "return ...", e.g. "an array of shape (2, 3)"; ``kinds``: the NumPy dtype
+    kinds accepted (as_array adds "b": a ReLU mask may be true/false values)."""
+    if value is None:
+        raise StudentError(f"{name} is None: return {expected}")
+    if isinstance(value, (str, bytes, dict, set)) or callable(value):
+        raise StudentError(f"{name} is a {type(value).__name__}, not {expected}")
+    try:
+        array = numpy.asarray(backend.to_numpy(value))
+    except Exception:  # noqa: BLE001  (a ragged list, an object NumPy cannot read)
+        raise StudentError(f"{name} is a {type(value).__name__} that is not an array of numbers; return "
+                           f"{expected}") from None
+    if array.dtype.kind not in kinds:
+        raise StudentError(f"{name} holds {_NOT_NUMBERS.get(array.dtype.kind, str(array.dtype))}, not numbers: "
+                           f"return {expected}")
+    return array.astype(numpy.float64)
+
+
 def as_array(value, name, expected_shape):
     """The student's value as a float64 host array, or a StudentError saying what it was instead."""
-    if value is None:
-        raise StudentError(f"{name} is None: return an array of shape {tuple(expected_shape)}")
-    if isinstance(value, (str, bytes, dict, set)) or callable(value):
-        raise StudentError(f"{name} is a {type(value).__name__}, not an array of shape {tuple(expected_shape)}")
-    try:
-        array = host(value)
-    except Exception:  # noqa: BLE001
-        raise StudentError(f"{name} is a {type(value).__name__} that is not an array of numbers; expected shape "
-                           f"{tuple(expected_shape)}") from None
-    return array
+    return as_numbers(value, name, f"an array of shape {tuple(expected_shape)}", kinds="biuf")
 
 
 def as_tuple(result, name, names):

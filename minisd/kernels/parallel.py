@@ -31,6 +31,7 @@ __all__ = [
     "images_per_chunk",
     "set_num_threads",
     "get_num_threads",
+    "threads_from_environment",
     "map_chunks",
     "map_channel_groups",
 ]
@@ -147,11 +148,22 @@ def get_num_threads() -> int:
         return _NUM_THREADS
     env = os.environ.get("MINISD_NUM_THREADS", "").strip()
     if env:
-        value = int(env) if env.isdigit() else 0
-        if value < 1:
-            raise ValueError(f"MINISD_NUM_THREADS: expected a positive integer, got {env!r}")
-        return value
+        return threads_from_environment(env)
     return max(1, min(os.cpu_count() or 1, _MAX_DEFAULT_THREADS))
+
+
+MAX_THREADS = 1024  # more threads than any machine has cores; a typo's 10**9 would exhaust memory
+
+
+def threads_from_environment(text: str) -> int:
+    """MINISD_NUM_THREADS as a number of threads: ASCII digits only ("²" and "٣" are digits to
+    ``str.isdigit`` but not numbers a user meant), 1 to MAX_THREADS; ValueError in one line otherwise."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 7) or not 1 <= int(text) <= MAX_THREADS:
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise ValueError(f"MINISD_NUM_THREADS must be a whole number from 1 to {MAX_THREADS} (threads for CPU "
+                         f"convolutions), got {shown!r}")
+    return int(text)
 
 
 def _one_blas_thread():

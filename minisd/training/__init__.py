@@ -13,13 +13,14 @@ Where each idea lives:
 * :mod:`~minisd.training.settings`    ``Settings`` (checked as a whole) and the model they describe
 * :mod:`~minisd.training.checkpoints` ``.npz`` checkpoints: save, load, evaluate
 * :mod:`~minisd.training.metrics`     ``evaluate`` and ``GradientMagnitudes`` (the paper's Figure 8)
-* :mod:`~minisd.training.run_folder`  the lock, partial files, reuse of a folder
-* :mod:`~minisd.training.interrupts`  the Ctrl-C flag
-* :mod:`~minisd.training.files`       atomic writes
+* :mod:`~minisd.training.run_folder`  whose folder it is, the lock, partial files, reuse of a folder
+* :mod:`~minisd.training.interrupts`  the Ctrl-C (and SIGTERM) flag
+* :mod:`~minisd.training.files`       atomic writes, reading regular files only
 
 A run folder holds::
 
-    settings.json      the settings, with dataset defaults resolved (backend, augmentation)
+    settings.json      the settings, with dataset defaults resolved (backend, augmentation), and
+                       "format": "minisd-run", the mark of a folder minisd made (rewritten on resume)
     metrics.jsonl      one JSON line per epoch: lr, train loss/acc, val loss/acc, test loss/acc, active
                        fraction, time, gradient magnitudes (first_conv_grad, block_grad)
     last.npz           checkpoint after the last finished epoch (or where Ctrl-C stopped the run)
@@ -31,8 +32,9 @@ A run folder holds::
 
 Checkpoints are ``.npz`` files written to a temporary file and renamed (a crash while saving
 leaves the previous checkpoint intact; the next run in the folder removes the partial file). They
-hold plain, finite arrays only, loaded with ``allow_pickle=False``: ``model.<name>`` (parameters
-and buffers), ``optim.<name>`` (momentum buffers) and ``meta``, one JSON string with the settings,
+hold plain, finite floating-point arrays only (their headers are checked before any is read;
+never pickled objects): ``model.<name>`` (parameters and buffers), ``optim.<name>`` (momentum
+buffers) and ``meta``, one JSON string with the settings,
 the position (epoch and step), the history, the optimizer's hyperparameters and the generator
 states (the model's gate generator and the backend's host generator; the shuffle and augmentation
 generators are derived from (seed, epoch), see :func:`minisd.data.epoch_generators`, so the
@@ -43,7 +45,10 @@ Resuming restores all of that, so a run interrupted at any step and resumed ends
 weights as an uninterrupted run with the same seed (bit for bit on NumPy).
 
 A folder that holds no checkpoint (a run that died in its first epoch) holds nothing to lose: a
-new run may use it, and resuming it starts the run again from its settings.json.
+new run may use it, and resuming it starts the run again from its settings.json. A folder that is
+not minisd's (see :mod:`~minisd.training.run_folder`) is refused before anything in it is removed or
+rewritten, and every file is written by a rename (never through a link). Ctrl-C and SIGTERM stop a
+run the same way: a checkpoint at the next safe point, then the command that resumes it.
 
 Two kinds of numbers in each epoch record serve the paper's curves rather than the run itself:
 

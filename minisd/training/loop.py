@@ -20,13 +20,15 @@ import time
 from dataclasses import dataclass
 
 from minisd import backend, data, kernels, optim
-from minisd.training.checkpoints import (CheckpointError, NonFiniteCheckpointError, describe_names, load_checkpoint,
-                                         load_into_model, meta_int, save_checkpoint, settings_from_meta)
+from minisd.training.checkpoints import (CheckpointError, NonFiniteCheckpointError, describe_names, layout,
+                                         load_checkpoint, load_into_model, meta_int, read_checkpoint_meta,
+                                         save_checkpoint, settings_from_meta)
 from minisd.training.files import write_atomically
 from minisd.training.interrupts import InterruptFlag, TrainingInterrupted
 from minisd.training.metrics import EvaluationStopped, GradientMagnitudes, evaluate
-from minisd.training.run_folder import (check_no_run_in, check_not_in_use, default_run_dir, read_settings_json,
-                                        remove_partial_files, run_folder_lock)
+from minisd.training.run_folder import (check_no_run_in, check_not_in_use, check_run_folder,
+                                        default_run_dir, quoted, read_settings_json, remove_partial_files,
+                                        run_folder_lock, write_settings_json)
 from minisd.training.settings import Settings, build_model, check_translate
 from minisd.training.step import train_step
 
@@ -244,7 +246,7 @@ class _Trainer:
     def finish(self) -> RunResult:
         """Evaluate the best-validation checkpoint on the test split; write summary.json."""
         best_path = self.path("best.npz")
-        model_arrays, _, meta = load_checkpoint(best_path)
+        model_arrays, _, meta = load_checkpoint(best_path, expected=layout(self.model))
         load_into_model(self.model, model_arrays, best_path)
         interrupt = self.interrupt
         try:
@@ -253,16 +255,15 @@ class _Trainer:
         except EvaluationStopped:
             raise TrainingInterrupted(
                 f"interrupted during the final test evaluation; all {self.settings.epochs} epochs are saved in "
-                f"{self.path('last.npz')}\nresume with: minisd train --resume {self.run_dir}",
-                checkpoint=self.path("last.npz"), run_dir=self.run_dir) from None
+                f"{self.path('last.npz')}\nresume with: minisd train --resume {quoted(self.run_dir)}",
+                checkpoint=self.path("last.npz"), run_dir=self.run_dir, signum=interrupt.signum) from None
         wall_time = self._finished_wall_time()
         best_epoch = meta.get("best_epoch")
         summary = {"test_acc": test_acc, "test_loss": test_loss, "best_epoch": best_epoch,
                    "best_val_acc": meta.get("best_val_acc"), "epochs": self.settings.epochs,
                    "wall_time_s": wall_time, "checkpoint": best_path}
-        with open(self.path("summary.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-            handle.write("\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        write_atomically(self.path("summary.json"), ".json", lambda handle: handle.write(text.encode()))
         val_note = (f", best validation accuracy {_fmt_pct(meta.get('best_val_acc')).strip()}"
                     if meta.get("best_val_acc") is not None else "")
         self.log(f"test accuracy {100 * test_acc:.2f}% (checkpoint of epoch {best_epoch}{val_note}; "
@@ -283,11 +284,20 @@ class _Trainer:
         path = self.path("last.npz") if self.saved_at == (self.epoch, self.step) else self.save("last.npz")
         with self.interrupt.saving() if self.interrupt is not None else contextlib.nullcontext():
             self.save_curves()
-        where = (f"after epoch {self.epoch}" if self.step == 0 and self.epoch > 0
-                 else f"in epoch {self.epoch + 1}, after step {self.step} of {self.steps_per_epoch}")
+        signum = self.interrupt.signum if self.interrupt is not None else None
+        by = f" by {self.interrupt.signal_name}" if self.interrupt is not None else ""
         raise TrainingInterrupted(
-            f"interrupted {where}; checkpoint saved to {path}\n"
-            f"resume with: minisd train --resume {self.run_dir}", checkpoint=path, run_dir=self.run_dir)
+            f"interrupted{by} {self.position()}; checkpoint saved to {path}\n"
+            f"resume with: minisd train --resume {quoted(self.run_dir)}", checkpoint=path, run_dir=self.run_dir,
+            **({"signum": signum} if signum is not None else {}))
+
+    def position(self) -> str:
+        """Where the run stands, in words that cannot be misread: "after epoch 3 of 10", or "in
+        epoch 4 of 10, after step 40 of its 47 steps"."""
+        if self.step == 0 and self.epoch > 0:
+            return f"after epoch {self.epoch} of {self.settings.epochs}"
+        return (f"in epoch {self.epoch + 1} of {self.settings.epochs}, after step {self.step} of its "
+                f"{self.steps_per_epoch} steps")
 
     def _last_finite_checkpoint(self) -> str:
         """Words for the NaN messages: the last checkpoint written (all are finite), or that there is none."""
@@ -297,7 +307,8 @@ class _Trainer:
                     "again (it reuses the folder) with a smaller --lr")
         path, ep, st = self.last_good
         where = f"end of epoch {ep}" if st == 0 else f"epoch {ep + 1}, step {st}"
-        return f"the last finite checkpoint is {path} ({where}), left as it was. Try a smaller --lr"
+        return (f"the last finite checkpoint is {path} ({where}), left as it was. --resume keeps the run's "
+                "learning rate and would diverge again: start a new run (another --out) with a smaller --lr")
 
     def _stop_for_nonfinite(self, value):
         global_step = self.epoch * self.steps_per_epoch + self.step + 1
@@ -351,7 +362,7 @@ class _Trainer:
 
     def restore(self, path) -> None:
         """Load a checkpoint written by :meth:`save`: weights, momentum, position, history, generators."""
-        model_arrays, optim_arrays, meta = load_checkpoint(path)
+        model_arrays, optim_arrays, meta = load_checkpoint(path, expected=layout(self.model))
         load_into_model(self.model, model_arrays, path)
         try:
             self.optimizer.load_state_dict({"hyper": meta.get("optimizer", {}), "buffers": optim_arrays})
@@ -399,18 +410,18 @@ class _Trainer:
         return self.wall_time()
 
     def write_settings(self):
-        with open(self.path("settings.json"), "w", encoding="utf-8") as handle:
-            json.dump(self.settings.to_dict(), handle, indent=2)
-            handle.write("\n")
+        """settings.json: the settings in force (a resumed run's too: its backend or tier may differ)."""
+        write_settings_json(self.run_dir, self.settings)
 
     def rewrite_metrics(self):
-        with open(self.path("metrics.jsonl"), "w", encoding="utf-8") as handle:
-            for record in self.history:
-                handle.write(json.dumps(record) + "\n")
+        """metrics.jsonl, one line per finished epoch, written whole and renamed into place: a full
+        disk never leaves a torn last line (a few hundred lines: rewriting them costs nothing)."""
+        text = "".join(json.dumps(record) + "\n" for record in self.history)
+        write_atomically(self.path("metrics.jsonl"), ".jsonl", lambda handle: handle.write(text.encode()))
 
     def append_metrics(self, record):
-        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """The epoch's record is already in the history: write the file again with it."""
+        self.rewrite_metrics()
 
     def save_curves(self) -> None:
         """curves.png: loss, accuracy and time per epoch so far (nothing before the first epoch ends)."""
@@ -450,6 +461,7 @@ def _start_in(trainer: _Trainer, log, note_reuse=True) -> RunResult:
     """Claim the run folder (lock), tidy it, write the settings and run. Nothing is written before
     the lock is held, and a folder without a checkpoint is reused (it holds nothing to lose)."""
     run_dir = trainer.run_dir
+    check_run_folder(run_dir)  # again: the folder may have changed while the data loaded
     with run_folder_lock(run_dir):
         check_no_run_in(run_dir)  # again: a run may have started while the data loaded
         remove_partial_files(run_dir, log)
@@ -473,6 +485,7 @@ def fit(settings: Settings | None = None, run_dir=None, log=_print, progress=Non
     settings.validate()
     run_dir = os.fspath(run_dir) if run_dir is not None else default_run_dir(settings)
     # Fail before the data load where that is already clear; the binding checks come with the lock.
+    check_run_folder(run_dir)
     check_no_run_in(run_dir)
     check_not_in_use(run_dir)
     with _restoring_backend_and_tier():
@@ -491,9 +504,12 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
     settings. The backend and kernel tier in force before the call are in force again after it.
     """
     path = os.fspath(path)
-    fresh = False
+    if not path:
+        raise CheckpointError("nothing to resume: the run folder name is empty (is the shell variable set?)")
+    fresh, meta = False, None
     if os.path.isdir(path):
         run_dir = path
+        check_run_folder(run_dir, resuming=True)
         check_not_in_use(run_dir)
         # last.npz is written right after best.npz at every epoch end, so a folder holding only
         # best.npz was stopped between the two, and best.npz holds that same position.
@@ -506,11 +522,13 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
     else:
         checkpoint = path
         run_dir = os.path.dirname(os.path.abspath(checkpoint))
+        meta = read_checkpoint_meta(checkpoint)  # before anything in its folder is looked at
+        check_run_folder(run_dir, resuming=True)
         check_not_in_use(run_dir)
     if fresh:
         settings = read_settings_json(run_dir)
     else:
-        _, _, meta = load_checkpoint(checkpoint)
+        meta = meta if meta is not None else read_checkpoint_meta(checkpoint)
         settings = settings_from_meta(meta, checkpoint)
     if backend_name is not None:
         settings.backend = backend_name
@@ -524,11 +542,11 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
             log(f"no checkpoint in {run_dir} (the run stopped before its first epoch ended): starting it again "
                 "from the beginning with its settings.json")
             return _start_in(trainer, log, note_reuse=False)
+        check_run_folder(run_dir, resuming=True)
         with run_folder_lock(run_dir):
             trainer.restore(checkpoint)  # read under the lock: the latest checkpoint, not one being replaced
             remove_partial_files(run_dir, log)
+            trainer.write_settings()  # the settings in force now (--backend, --kernels, --data-dir may differ)
             trainer.rewrite_metrics()  # drop lines of epochs after the checkpoint
-            where = (f"after epoch {trainer.epoch}" if trainer.step == 0
-                     else f"in epoch {trainer.epoch + 1} after step {trainer.step}")
-            log(f"resuming {checkpoint} {where} of {settings.epochs}")
+            log(f"resuming {checkpoint} {trainer.position()}")
             return trainer.run()

@@ -12,6 +12,8 @@ from minisd.residual import MODES, SCALES, SCHEDULES
 __all__ = ["Settings", "SettingsError", "build_model"]
 
 SHORTCUTS = ("zero_pad", "projection")
+MAX_EPOCHS = 1_000_000        # far beyond any run (the paper: 500); keeps the lr schedule's arithmetic finite
+MAX_SEED = 2**63 - 1          # what every generator minisd seeds takes
 
 
 class SettingsError(ValueError):
@@ -104,11 +106,12 @@ class Settings:
         checks = [
             (0.0 <= self.final_survival <= 1.0,
              f"final survival probability p_L must be in [0, 1], got {self.final_survival}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (1 <= self.epochs <= MAX_EPOCHS, f"epochs must be a whole number in [1, {MAX_EPOCHS}], got "
+                                             f"{_short(self.epochs)}"),
             (self.batch_size >= 2, f"batch size must be >= 2 (batch norm needs two samples), got {self.batch_size}"),
             (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a positive number, got {self.lr}"),
             (self.translate is None or self.translate >= 0, f"translate must be >= 0 pixels, got {self.translate}"),
-            (self.seed >= 0, f"seed must be a whole number >= 0, got {self.seed!r}"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be a whole number in [0, 2**63 - 1], got {_short(self.seed)}"),
             (self.train_subset is None or self.train_subset >= 2,
              f"train subset must hold at least 2 images, got {self.train_subset}"),
             (self.val_size is None or self.val_size >= 0, f"validation size must be >= 0 images, got {self.val_size}"),
@@ -122,12 +125,19 @@ class Settings:
                 raise SettingsError(message)
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-able dict (what settings.json and a checkpoint's metadata hold)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "Settings":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _short(number) -> str:
+    """A number for a message: a 400-digit one is shown by its size, not its digits."""
+    text = str(number)
+    return text if len(text) <= 20 else f"a number with {len(text)} digits"
 
 
 def check_translate(translate, dataset) -> None:

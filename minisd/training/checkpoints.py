@@ -19,7 +19,7 @@ from numpy.lib import format as npformat
 from minisd import backend, data
 from minisd.training.files import open_regular, write_atomically
 from minisd.training.metrics import evaluate
-from minisd.training.settings import Settings, SettingsError, build_model
+from minisd.training.settings import Settings, build_model, settings_from_values
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "layout", "model_from_checkpoint",
            "evaluate_checkpoint",
@@ -238,13 +238,8 @@ def load_checkpoint(path, expected: dict | None = None) -> tuple[dict, dict, dic
 
 def settings_from_meta(meta: dict, path) -> Settings:
     """The validated settings a checkpoint's metadata holds (it may have been edited by hand)."""
-    values = meta.get("settings")
-    if not isinstance(values, dict):
-        raise CheckpointError(f"checkpoint {path}: its metadata holds no settings")
-    try:
-        return Settings.from_dict(values).validate()
-    except (SettingsError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: invalid settings in its metadata ({exc})") from None
+    return settings_from_values(meta.get("settings"), CheckpointError, f"checkpoint {path}: its metadata holds no settings",
+                                f"checkpoint {path}: invalid settings in its metadata: ")
 
 
 def meta_int(meta: dict, key, default, low, high, path) -> int:

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - Windows: run folders are not locked th
     fcntl = None
 
 from minisd.training.files import is_partial_file, open_regular, write_atomically
-from minisd.training.settings import Settings, SettingsError
+from minisd.training.settings import Settings, SettingsError, settings_from_values
 
 __all__ = ["RunFolderError", "run_folder_lock", "check_not_in_use", "check_no_run_in", "has_checkpoint",
            "remove_partial_files", "default_run_dir", "read_settings_json", "write_settings_json",
@@ -245,12 +245,7 @@ def read_settings_json(run_dir) -> Settings:
         values = _read_json(path)
     except (OSError, ValueError, RecursionError) as exc:
         raise RunFolderError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(values, dict):
-        raise RunFolderError(f"{path} does not hold a JSON object of settings")
-    try:
-        return Settings.from_dict(values).validate()
-    except (SettingsError, TypeError) as exc:
-        raise RunFolderError(f"{path}: {exc}") from None
+    return settings_from_values(values, RunFolderError, f"{path} does not hold a JSON object of settings", f"{path}: ")
 
 
 def write_settings_json(run_dir, settings: Settings) -> None:

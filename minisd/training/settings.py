@@ -140,6 +140,18 @@ def _short(number) -> str:
     return text if len(text) <= 20 else f"a number with {len(text)} digits"
 
 
+def settings_from_values(values, error, missing: str, invalid: str) -> Settings:
+    """Validated Settings from a JSON object read from a file that may have been edited by hand;
+    ``error`` (an exception class) with the message ``missing`` when ``values`` is not an object,
+    or ``invalid`` followed by what is wrong ("...: setting 'depth' must be ...")."""
+    if not isinstance(values, dict):
+        raise error(missing)
+    try:
+        return Settings.from_dict(values).validate()
+    except (SettingsError, TypeError) as exc:
+        raise error(f"{invalid}{exc}") from None
+
+
 def check_translate(translate, dataset) -> None:
     """A shift of a whole image or more leaves nothing of it (and pads a huge array)."""
     if translate is not None and translate >= dataset.image_size:

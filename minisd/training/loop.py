@@ -429,7 +429,10 @@ class _Trainer:
             return
         from minisd import plots  # noqa: PLC0415  (matplotlib only when a picture is drawn)
 
-        fig = plots.training_curves({self.settings.schedule: self.history})
+        s = self.settings
+        label = {"none": "constant depth", "linear": f"linear decay to p_L = {s.final_survival:g}",
+                 "uniform": f"uniform p = {s.final_survival:g}"}.get(s.schedule, s.schedule)
+        fig = plots.training_curves({f"ResNet-{s.depth}, {label}": self.history})
         write_atomically(self.path("curves.png"), ".png",
                          lambda handle: fig.savefig(handle, format="png", dpi=plots.figure.SAVE_DPI,
                                                     bbox_inches="tight", facecolor="white"))

@@ -327,7 +327,7 @@ def work(settings: Settings, scratch_dir: str, store_dir: str, command: str, job
     saved = read_json(os.path.join(scratch_dir, "settings.json"))
     if saved is not None and (why := settings_mismatch(settings, saved)):
         raise RunFolderError(f"{scratch_dir} holds another run ({why}); remove that folder or choose another --scratch")
-    sessions_path = os.path.join(scratch_dir, "runner-sessions.jsonl")
+    sessions_path = os.path.join(runner_folder(scratch_dir), "sessions.jsonl")
     has_run = saved is not None or any(os.path.exists(os.path.join(scratch_dir, n)) for n in ("last.npz", "best.npz"))
     session = {"started": now(), "load_average_start": load_average(), "resumed": has_run, "command": command,
                "jobs": jobs, "threads": {k: os.environ.get(k) for k in ONE_THREAD}}
@@ -384,16 +384,23 @@ class Worker:
     log_handle: object = None
 
 
+def runner_folder(scratch_dir: str) -> str:
+    """The runner's own files for a run (planned settings, worker log, sessions) sit beside the
+    run folder, never in it: minisd uses a folder only if it holds nothing minisd did not write."""
+    folder = scratch_dir.rstrip(os.sep) + ".runner"
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def start_worker(settings, runs_dir, scratch, command, jobs) -> Worker:
     name = run_name(settings)
     scratch_dir = os.path.join(scratch, name)
-    os.makedirs(scratch_dir, exist_ok=True)
-    settings_path = os.path.join(scratch_dir, "planned-settings.json")
+    settings_path = os.path.join(runner_folder(scratch_dir), "planned-settings.json")
     with open(settings_path, "w", encoding="utf-8") as handle:
         json.dump(settings.to_dict(), handle, indent=2)
     env = dict(os.environ, **ONE_THREAD)  # in the worker's environment before it imports NumPy
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    log_path = os.path.join(scratch_dir, "worker.log")
+    log_path = os.path.join(runner_folder(scratch_dir), "worker.log")
     log_handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115  (closed when the worker ends)
     argv = [sys.executable, os.path.abspath(__file__), "--jobs", str(jobs), "--worker-settings", settings_path,
             "--worker-scratch", scratch_dir, "--worker-store", os.path.join(runs_dir, name),

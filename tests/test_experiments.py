@@ -97,7 +97,7 @@ def test_runner_stores_skips_resumes_and_summarises(tmp_path, capsys):
     for name in names:
         assert sorted(os.listdir(runs_dir / name)) == ["metrics.jsonl", "runner.json", "settings.json", "summary.json"]
         assert not any(n.endswith(".npz") for n in os.listdir(runs_dir / name))
-    with open(stopped_dir / "worker.log", encoding="utf-8") as handle:
+    with open(scratch / (stopped_dir.name + ".runner") / "worker.log", encoding="utf-8") as handle:
         assert "resuming" in handle.read()
     runner = json.loads((runs_dir / names[1] / "runner.json").read_text())
     assert runner["sessions"][-1]["threads"]["OPENBLAS_NUM_THREADS"] == "1" and runner["sessions"][-1]["resumed"]
@@ -138,5 +138,5 @@ def test_a_scratch_folder_holding_another_run_fails_that_run_only(tmp_path, caps
     failed = run_experiments.run_all(smoke[:1], str(out / "runs"), str(scratch), 1, "test", lambda: None)
     assert failed == 1 and "FAILED" in capsys.readouterr().out
     assert not (out / "runs" / name).exists()
-    with open(scratch / name / "worker.log", encoding="utf-8") as handle:
+    with open(scratch / (name + ".runner") / "worker.log", encoding="utf-8") as handle:
         assert "lr is 0.5 there, the plan says 0.1" in handle.read()

@@ -85,7 +85,8 @@ def jupyter_lab(root: str):
     os.makedirs(notifications)
     with open(os.path.join(notifications, "notification.jupyterlab-settings"), "w") as handle:
         json.dump({"fetchNews": "false", "checkForUpdates": False}, handle)
-    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=settings, JUPYTERLAB_WORKSPACES_DIR=os.path.join(root, ".ws"))
+    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=settings, JUPYTERLAB_WORKSPACES_DIR=os.path.join(root, ".ws"),
+               MINISD_NOTEBOOK_QUICK="1")  # the widget is the subject here, not the full setting's numbers
     env.pop("MPLBACKEND", None)  # the kernel uses the inline backend, as for a student
     log = open(os.path.join(root, "server.log"), "w")
     server = subprocess.Popen(

@@ -384,11 +384,19 @@ class Worker:
     log_handle: object = None
 
 
+LEGACY_FILES = {"planned-settings.json": "planned-settings.json", "worker.log": "worker.log",
+                "runner-sessions.jsonl": "sessions.jsonl"}  # where earlier runners kept them: in the run folder
+
+
 def runner_folder(scratch_dir: str) -> str:
     """The runner's own files for a run (planned settings, worker log, sessions) sit beside the
-    run folder, never in it: minisd uses a folder only if it holds nothing minisd did not write."""
+    run folder, never in it: minisd uses a folder only if it holds nothing minisd did not write.
+    Files an earlier runner left inside the run folder move out here."""
     folder = scratch_dir.rstrip(os.sep) + ".runner"
     os.makedirs(folder, exist_ok=True)
+    for old, new in LEGACY_FILES.items():
+        if os.path.isfile(os.path.join(scratch_dir, old)) and not os.path.exists(os.path.join(folder, new)):
+            os.replace(os.path.join(scratch_dir, old), os.path.join(folder, new))
     return folder
 
 

@@ -140,3 +140,17 @@ def test_a_scratch_folder_holding_another_run_fails_that_run_only(tmp_path, caps
     assert not (out / "runs" / name).exists()
     with open(scratch / (name + ".runner") / "worker.log", encoding="utf-8") as handle:
         assert "lr is 0.5 there, the plan says 0.1" in handle.read()
+
+
+def test_files_an_earlier_runner_left_in_a_run_folder_move_beside_it(tmp_path):
+    """Earlier runners wrote their log and planned settings into minisd's run folder, which minisd
+    now refuses to resume (files it did not write): the runner moves them out first."""
+    run = tmp_path / "digits-resnet8-none-p1-train64-e2-seed0"
+    run.mkdir()
+    (run / "worker.log").write_text("old log\n")
+    (run / "runner-sessions.jsonl").write_text("{}\n")
+    (run / "metrics.jsonl").write_text("")
+    folder = run_experiments.runner_folder(str(run))
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"]
+    assert (tmp_path / (run.name + ".runner") / "worker.log").read_text() == "old log\n"
+    assert os.path.isfile(os.path.join(folder, "sessions.jsonl"))

@@ -96,6 +96,7 @@ class Stepper:
         self.phase, self.blocks_only = "both", False
         self.view(phase=phase, blocks_only=blocks_only, show=False)
         self._limits = None  # the colour scales: at the first picture
+        self._stages = None  # block l -> its stage's name, for the stage colour scales: when first asked
         self._maps = {}      # the network map of each phase, drawn once: at the first picture of that phase
         self._pngs: OrderedDict[int, bytes] = OrderedDict()   # recent frames, for quick back-and-forth
         self._lock = threading.RLock()  # widget callbacks may arrive on several threads at once
@@ -244,7 +245,6 @@ class Stepper:
                     self._stages[k + 1] = f"blocks l = {ks[0] + 1}-{ks[-1] + 1}"
         return self._stages[event.block]
 
-    _stages = None
 
     def color_limits(self) -> dict:
         """The colour scales of the walk: {kind: limit} with ``scale="shared"``, {(kind, stage):

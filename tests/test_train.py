@@ -99,6 +99,28 @@ def test_same_seed_same_metrics(tmp_path, reference):
     assert other.history[0]["train_loss"] != reference[0].history[0]["train_loss"]
 
 
+def test_stop_after_trains_the_first_epochs_of_the_schedule_and_resumes_exactly(tmp_path, reference):
+    """stop_after=1 of a 3-epoch run: epoch 1 as in the uninterrupted run, resumable to the same end."""
+    full, full_dir, _ = reference
+    lines = []
+    first = training.fit(tiny(epochs=3), run_dir=tmp_path / "part", log=lines.append, progress=False, stop_after=1)
+    assert not first.finished and first.test_acc is None and first.best_epoch == 1
+    assert without_time(first.history) == without_time(full.history[:1])
+    assert "stopped as asked after epoch 1 of 3" in lines[-1] and not (tmp_path / "part" / "summary.json").exists()
+    again = training.resume(tmp_path / "part", log=lambda line: None, progress=False, stop_after=1)
+    assert not again.finished and len(again.history) == 1          # already there: nothing more trained
+    resumed = training.resume(tmp_path / "part", log=lambda line: None, progress=False)
+    assert resumed.finished and resumed.test_acc == full.test_acc
+    assert without_time(resumed.history) == without_time(full.history)
+    assert_same_checkpoint_state(full_dir / "last.npz", tmp_path / "part" / "last.npz")
+
+
+@pytest.mark.parametrize("bad", [0, 4, 1.5, True, "2"])
+def test_stop_after_outside_the_run_is_refused_by_name(tmp_path, bad):
+    with pytest.raises(training.SettingsError, match=r"stop_after: expected a whole number of epochs from 1 to 3"):
+        training.fit(tiny(epochs=3), run_dir=tmp_path / "run", log=lambda line: None, progress=False, stop_after=bad)
+
+
 def _interrupt_when(monkeypatch, after_steps):
     """Send ourselves Ctrl-C right after the optimizer's ``after_steps``-th step."""
     original = optim.SGD.step

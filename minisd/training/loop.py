@@ -29,7 +29,7 @@ from minisd.training.metrics import EvaluationStopped, GradientMagnitudes, evalu
 from minisd.training.run_folder import (check_no_run_in, check_not_in_use, check_run_folder,
                                         default_run_dir, quoted, read_settings_json, remove_partial_files,
                                         run_folder_lock, write_settings_json)
-from minisd.training.settings import Settings, build_model, check_translate
+from minisd.training.settings import Settings, SettingsError, build_model, check_translate
 from minisd.training.step import train_step
 
 __all__ = ["fit", "resume", "RunResult", "NonFiniteLossError"]
@@ -52,6 +52,9 @@ class RunResult:
     best_val_acc: float | None
     wall_time_s: float
     model: object = None
+    # False when ``stop_after`` stopped the run before its last epoch: test_acc and test_loss are
+    # then None (no final evaluation), and the run folder resumes where it stopped.
+    finished: bool = True
 
 
 def _fmt_pct(x) -> str:
@@ -66,11 +69,12 @@ class _Trainer:
     """One run: its settings, data, model and optimizer, its position (epoch and step), and the
     files of its run folder. :meth:`run` trains to the last epoch and evaluates."""
 
-    def __init__(self, settings: Settings, run_dir: str, log, progress):
+    def __init__(self, settings: Settings, run_dir: str, log, progress, stop_after: int | None = None):
         self.settings = settings.validate()
         self.run_dir = run_dir
         self.log = log
         self.progress = progress
+        self.stop_after = _check_stop_after(stop_after, settings.epochs)
         if settings.backend is not None:
             backend.use(settings.backend)  # also replaces a MINISD_BACKEND that could not be used
         settings.backend = backend.name()
@@ -133,6 +137,8 @@ class _Trainer:
             self.interrupt = interrupt
             try:
                 while self.epoch < s.epochs:
+                    if self.stop_after is not None and self.epoch >= self.stop_after:
+                        return self.pause()
                     self.train_epoch()
                     self.end_epoch()
                     if interrupt.requested:  # Ctrl-C during the epoch's end (validation done, saved)
@@ -271,6 +277,14 @@ class _Trainer:
         self.log(f"run folder {self.run_dir}: metrics.jsonl, curves.png, best.npz, last.npz, summary.json")
         return RunResult(self.run_dir, list(self.history), test_acc, test_loss, best_epoch, meta.get("best_val_acc"),
                          wall_time, self.model)
+
+    def pause(self) -> RunResult:
+        """Stop after epoch ``stop_after`` as asked: last.npz is already saved there; no final test."""
+        with self.interrupt.saving():
+            self.save_curves()
+        self.log(f"stopped as asked {self.position()}; resume with: minisd train --resume {quoted(self.run_dir)}")
+        return RunResult(self.run_dir, list(self.history), None, None, self.best_epoch, self.best_val,
+                         self.wall_time(), self.model, finished=False)
 
     # ---- stopping: Ctrl-C, NaN ------------------------------------------------------------------
 
@@ -460,6 +474,15 @@ def _restoring_backend_and_tier():
         kernels.use(tier_before)
 
 
+def _check_stop_after(stop_after, epochs):
+    if stop_after is None:
+        return None
+    if isinstance(stop_after, bool) or not isinstance(stop_after, int) or not 1 <= stop_after <= epochs:
+        raise SettingsError(f"stop_after: expected a whole number of epochs from 1 to {epochs} "
+                            f"(the run's epochs), got {stop_after!r}")
+    return stop_after
+
+
 def _start_in(trainer: _Trainer, log, note_reuse=True) -> RunResult:
     """Claim the run folder (lock), tidy it, write the settings and run. Nothing is written before
     the lock is held, and a folder without a checkpoint is reused (it holds nothing to lose)."""
@@ -475,10 +498,15 @@ def _start_in(trainer: _Trainer, log, note_reuse=True) -> RunResult:
         return trainer.run()
 
 
-def fit(settings: Settings | None = None, run_dir=None, log=_print, progress=None) -> RunResult:
+def fit(settings: Settings | None = None, run_dir=None, log=_print, progress=None,
+        stop_after: int | None = None) -> RunResult:
     """Train from scratch as ``settings`` say; the run folder (default ``runs/<name>``) must not hold
     a checkpoint, and no other run may be using it. The backend and kernel tier in force before the
     call are in force again after it.
+
+    ``stop_after=k`` trains only the first k epochs of the run's schedule (its learning-rate drops
+    stay where ``settings.epochs`` puts them) and stops there, resumable: a check that a long run's
+    first epochs come out as stored, or a long run split over sittings.
 
     Returns a :class:`RunResult` (test accuracy of the best-validation checkpoint). Raises
     NonFiniteLossError, TrainingInterrupted (Ctrl-C; a checkpoint was saved), DataError,
@@ -492,16 +520,17 @@ def fit(settings: Settings | None = None, run_dir=None, log=_print, progress=Non
     check_no_run_in(run_dir)
     check_not_in_use(run_dir)
     with _restoring_backend_and_tier():
-        trainer = _Trainer(settings, run_dir, log, progress)
+        trainer = _Trainer(settings, run_dir, log, progress, stop_after)
         return _start_in(trainer, log)
 
 
 def resume(path, log=_print, progress=None, backend_name: str | None = None, data_dir=None,
-           kernels_name: str | None = None) -> RunResult:
+           kernels_name: str | None = None, stop_after: int | None = None) -> RunResult:
     """Continue a run from a run folder (its last.npz) or a checkpoint file, exactly where it stopped.
 
     The settings come from the checkpoint; ``backend_name``, ``kernels_name`` and ``data_dir`` may
-    differ (a run moved to a GPU or to the other kernel tier, or data moved to another folder).
+    differ (a run moved to a GPU or to the other kernel tier, or data moved to another folder);
+    ``stop_after`` stops it again after that epoch, as in :func:`fit`.
     Files are written to the checkpoint's folder. A run folder without a checkpoint but with its
     settings.json (the run died in its first epoch) starts again from the beginning with those
     settings. The backend and kernel tier in force before the call are in force again after it.
@@ -540,7 +569,7 @@ def resume(path, log=_print, progress=None, backend_name: str | None = None, dat
     if data_dir is not None:
         settings.data_dir = os.fspath(data_dir)
     with _restoring_backend_and_tier():
-        trainer = _Trainer(settings, run_dir, log, progress)
+        trainer = _Trainer(settings, run_dir, log, progress, stop_after)
         if fresh:
             log(f"no checkpoint in {run_dir} (the run stopped before its first epoch ended): starting it again "
                 "from the beginning with its settings.json")

@@ -7,120 +7,30 @@ Test error is in percent. Two metrics, both printed: the test error of the best-
 (``summary.json``, the paper's protocol and the one the hypotheses name) and the test error after the
 last epoch (the last line of ``metrics.jsonl``). Spreads are sample standard deviations over seeds.
 A configuration with no stored run prints as pending. The small-data comparison is paired by seed
-and tested with an exact sign-flip permutation test (:func:`sign_flip_test`), which needs nothing
-beyond the standard library.
+and tested with an exact sign-flip permutation test (``minisd.experiments.sign_flip_test``), which
+needs nothing beyond the standard library.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
 import statistics
 import sys
-from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run_experiments as plan_module  # noqa: E402
 
+from minisd.experiments import format_mean_sd as mean_sd  # noqa: E402
+from minisd.experiments import load_runs, select, sign_flip_test  # noqa: E402
+
 DEFAULT_RUNS = os.path.join(plan_module.DEFAULT_OUT, "runs")
-
-
-@dataclass
-class Run:
-    """One stored run, with the numbers the tables need."""
-
-    name: str
-    settings: dict
-    summary: dict
-    metrics: list
-    runner: dict
-
-    @property
-    def best_error(self) -> float:
-        """Test error (%) of the best-validation checkpoint."""
-        return 100 * (1 - self.summary["test_acc"])
-
-    @property
-    def last_error(self) -> float:
-        """Test error (%) after the last epoch."""
-        return 100 * (1 - self.metrics[-1]["test_acc"])
-
-    @property
-    def wall_time(self) -> float:
-        return self.summary["wall_time_s"]
-
-    @property
-    def step_time(self) -> float:
-        """Seconds spent in training steps (the epochs' time_s; evaluation not included)."""
-        return sum(r["time_s"] for r in self.metrics)
-
-    @property
-    def active_fraction(self) -> float:
-        """Fraction of the blocks that ran, over all training steps."""
-        return statistics.fmean(r["active_fraction"] for r in self.metrics)
-
-
-def read_run(folder: str) -> Run:
-    """ValueError naming the file if one of the run's files is missing or is not what the runner stores."""
-    files = {}
-    for name in plan_module.STORED_FILES + (plan_module.RUNNER_FILE,):
-        path = os.path.join(folder, name)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                files[name] = ([json.loads(line) for line in handle if line.strip()] if name.endswith(".jsonl")
-                               else json.load(handle))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read it ({exc})") from None
-    if not files["metrics.jsonl"] or "test_acc" not in files["summary.json"]:
-        raise ValueError(f"{folder}: metrics.jsonl has no epoch or summary.json no test_acc")
-    return Run(os.path.basename(folder), files["settings.json"], files["summary.json"], files["metrics.jsonl"],
-               files[plan_module.RUNNER_FILE])
-
-
-def load_runs(runs_dir: str) -> dict[str, Run]:
-    """Every stored run under ``runs_dir`` (folders the runner is still writing are skipped)."""
-    if not os.path.isdir(runs_dir):
-        return {}
-    return {name: read_run(os.path.join(runs_dir, name)) for name in sorted(os.listdir(runs_dir))
-            if not name.startswith(".") and os.path.isdir(os.path.join(runs_dir, name))}
-
-
-def sign_flip_test(differences) -> dict:
-    """Exact paired permutation test of mean(differences) > 0.
-
-    Under the null hypothesis (no effect) each seed's difference is as likely to have either sign, so
-    the 2^n sign patterns are equally likely; p is the share of them whose mean is at least the one
-    observed (one-sided), or at least as far from 0 (two-sided). With n pairs the smallest possible
-    one-sided p is 2^-n.
-    """
-    d = [float(x) for x in differences]
-    if not d:
-        raise ValueError("sign_flip_test: no differences given")
-    observed = statistics.fmean(d)
-    tolerance = 1e-9 * max(1.0, max(abs(x) for x in d))  # errors are multiples of 1/360: ties are exact
-    means = [statistics.fmean(s * x for s, x in zip(signs, d)) for signs in itertools.product((1, -1), repeat=len(d))]
-    return {"n": len(d), "mean": observed,
-            "p_one_sided": sum(m >= observed - tolerance for m in means) / len(means),
-            "p_two_sided": sum(abs(m) >= abs(observed) - tolerance for m in means) / len(means),
-            "smallest_p": 1 / len(means)}
-
-
-def mean_sd(values) -> str:
-    values = list(values)
-    if not values:
-        return "pending"
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def find(runs, depth, schedule, p=0.5, seeds=plan_module.SEEDS, epochs=plan_module.EPOCHS, train_subset=None):
     """The stored runs of one configuration, one per seed found."""
-    names = [plan_module.run_name(plan_module.planned(depth, schedule, p, seed=seed, epochs=epochs,
-                                                      train_subset=train_subset)) for seed in seeds]
-    return [runs[n] for n in names if n in runs]
+    return select(runs, seeds=seeds, depth=depth, schedule=schedule, final_survival=1.0 if schedule == "none" else p,
+                  epochs=epochs, train_subset=train_subset)
 
 
 def blocks_run(depth, schedule, p) -> float:

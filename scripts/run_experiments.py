@@ -48,14 +48,13 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "experiments")
 DEFAULT_SCRATCH = "/work/scratch-runs"
-STORED_FILES = ("metrics.jsonl", "settings.json", "summary.json")
-RUNNER_FILE = "runner.json"
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "MINISD_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1"}
 
 sys.path.insert(0, ROOT)  # minisd from this checkout, whichever copy the environment installed
 
 from minisd import models, residual  # noqa: E402
+from minisd.experiments import RUNNER_FILE, STORED_FILES  # noqa: E402  (what a stored run holds)
 from minisd.training import Settings, TrainingInterrupted, fit, resume  # noqa: E402
 from minisd.training.run_folder import RunFolderError, check_not_in_use  # noqa: E402
 

@@ -18,7 +18,7 @@ sys.path.insert(0, SCRIPTS)
 import experiment_summary  # noqa: E402
 import run_experiments  # noqa: E402
 
-from minisd import residual  # noqa: E402
+from minisd import experiments, residual  # noqa: E402
 from minisd.training import Settings, TrainingInterrupted, fit  # noqa: E402
 
 
@@ -48,14 +48,26 @@ def test_plan_names_learning_rates_and_sharing():
     assert {s.train_subset for s in smalldata} == {1257 // 4} and len({s.seed for s in smalldata}) >= 5
 
 
+def test_mean_sd_and_its_text():
+    assert experiments.mean_sd([2.0, 4.0]) == (3.0, pytest.approx(2 ** 0.5))
+    assert experiments.format_mean_sd([2.0, 4.0]) == "3.00 ± 1.41"
+    assert experiments.format_mean_sd([2.0]) == "2.00 (1 seed)" and experiments.format_mean_sd([]) == "pending"
+
+
+def test_a_stored_run_missing_a_file_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"run[/\\]metrics.jsonl: cannot read it"):
+        experiments.read_run(tmp_path / "run")
+
+
 def test_sign_flip_test_is_exact():
-    test = experiment_summary.sign_flip_test([1.0, 2.0, 3.0])
+    test = experiments.sign_flip_test([1.0, 2.0, 3.0])
     assert (test["p_one_sided"], test["p_two_sided"], test["smallest_p"]) == (1 / 8, 2 / 8, 1 / 8)
     # A zero difference has no sign to flip: both of its patterns count.
-    assert experiment_summary.sign_flip_test([0.0, 1.0])["p_one_sided"] == 2 / 4
-    assert experiment_summary.sign_flip_test([-1.0, -2.0])["p_one_sided"] == 1.0
+    assert experiments.sign_flip_test([0.0, 1.0])["p_one_sided"] == 2 / 4
+    assert experiments.sign_flip_test([-1.0, -2.0])["p_one_sided"] == 1.0
     with pytest.raises(ValueError, match="no differences"):
-        experiment_summary.sign_flip_test([])
+        experiments.sign_flip_test([])
 
 
 def test_bad_options_say_so_in_one_line(capsys):
@@ -116,8 +128,11 @@ def test_runner_stores_skips_resumes_and_summarises(tmp_path, capsys):
     assert "## Hypotheses" in readme and "--plan smoke" in readme and "stored" in readme
 
     # The summary reads what was stored.
-    runs = experiment_summary.load_runs(str(runs_dir))
+    runs = experiments.load_runs(runs_dir)
     assert sorted(runs) == sorted(names)
+    linear = experiments.select(runs, depth=8, schedule="linear", final_survival=0.5)
+    assert [r.seed for r in linear] == [0, 1] and all(r.settings["schedule"] == "linear" for r in linear)
+    assert experiments.select(runs, seeds=(1,), depth=8, schedule="none") == [runs[n] for n in names if "none" in n and n.endswith("seed1")]
     run = runs[names[1]]
     assert run.best_error == pytest.approx(100 * (1 - run.summary["test_acc"]))
     assert run.last_error == pytest.approx(100 * (1 - run.metrics[-1]["test_acc"]))

@@ -326,6 +326,19 @@ def test_survival_sweep_figure(tmp_path, no_pyplot_figures):
     assert_png(tmp_path / "p.png")
 
 
+def test_survival_sweep_draws_error_bars_and_the_constant_depth_band(no_pyplot_figures):
+    results = {"linear": {0.2: [3.0], 0.5: [2.0, 2.5, 1.5]}}
+    fig = plots.survival_sweep(results, reference=[2.0, 4.0])
+    (ax,) = fig.axes
+    (bars,) = [c for c in ax.containers if c.get_label().startswith("linear")]
+    segments = bars.lines[2][0].get_segments()                  # one vertical bar per p_L: mean ± sd
+    assert [tuple(np.round(seg[:, 1], 3)) for seg in segments] == [(3.0, 3.0), (1.5, 2.5)]
+    band = [p for p in ax.patches if p.get_alpha()]
+    ys = band[0].get_patch_transform().transform(band[0].get_path().vertices)[:, 1]   # in data units
+    assert len(band) == 1 and np.allclose([ys.min(), ys.max()], [3 - 2 ** 0.5, 3 + 2 ** 0.5])
+    assert any(line.get_label() == "constant depth: 3.00 ± 1.41 (2 seeds)" for line in ax.get_lines())
+
+
 def test_first_conv_gradient_per_unit_of_loss_and_relative_to_the_last_block():
     runs = [fake_run(seed, 1.0) for seed in range(3)]
     for record in runs[1]:

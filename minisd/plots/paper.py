@@ -349,24 +349,37 @@ def branch_gradient_norms(model, save=None):
     return save_figure(fig, save)
 
 
-def survival_sweep(results: dict, reference: float | None = None, ylabel: str = "test error (%)", title=None,
-                   save=None):
+def survival_sweep(results: dict, reference=None, ylabel: str = "test error (%)", title=None, save=None):
     """A value (test error, say) against p_L, one line per survival rule (the paper's Figure 6).
 
-    results: rule label -> {p_L: list of values, one per seed}. The line joins the means; single
-    seeds are dots. reference: a horizontal dashed line (e.g. constant depth's mean), optional.
+    results: rule label -> {p_L: list of values, one per seed}. The line joins the means, the error
+    bars are one sample standard deviation over the seeds (where there are two or more), and the
+    dots are the single seeds. reference: constant depth, optional: one number (a dashed line) or
+    its values per seed (a dashed line at their mean and a grey band of one standard deviation).
     """
-    with lecture_figure((9, 5)) as (fig, ax):
+    with lecture_figure((10, 5.5)) as (fig, ax):
+        p_all = sorted({p for points in results.values() for p in points})
+        step = min(numpy.diff(p_all)) if len(p_all) > 1 else 0.1
         for k, (label, points) in enumerate(results.items()):
             color = RUN_COLORS[(k + 1) % len(RUN_COLORS)]
+            shift = (k - (len(results) - 1) / 2) * 0.08 * step          # side by side, not on top
             p_values = sorted(points)
-            means = [float(numpy.mean(points[p])) for p in p_values]
-            ax.plot(p_values, means, "-o", color=color, lw=2.2, ms=7, label=f"{label} (mean of the seeds run)")
-            for p in p_values:
-                values = numpy.asarray(points[p], dtype=float)
-                ax.plot(numpy.full(values.size, p), values, ".", color=color, ms=10, alpha=0.45)
+            values = [numpy.asarray(points[p], dtype=float) for p in p_values]
+            means = [float(v.mean()) for v in values]
+            ax.plot(p_values, means, "-o", color=color, lw=2.2, ms=7, label=f"{label}: mean of the seeds")
+            spread = [(float(v.std(ddof=1)) if v.size > 1 else 0.0) for v in values]
+            ax.errorbar(numpy.add(p_values, shift), means, yerr=spread, fmt="none", ecolor=color, elinewidth=1.6,
+                        capsize=5, label=f"{label}: ± 1 sd over seeds")
+            for p, v in zip(p_values, values):
+                ax.plot(numpy.full(v.size, p + shift), v, ".", color=color, ms=10, alpha=0.5)
         if reference is not None:
-            ax.axhline(reference, color=CONSTANT_COLOR, lw=1.5, ls="--", label=f"constant depth: {reference:.2f}")
+            seeds = numpy.atleast_1d(numpy.asarray(reference, dtype=float))
+            centre = float(seeds.mean())
+            ax.axhline(centre, color=CONSTANT_COLOR, lw=1.5, ls="--", label=f"constant depth: {centre:.2f}"
+                       + (f" ± {seeds.std(ddof=1):.2f} ({seeds.size} seeds)" if seeds.size > 1 else ""))
+            if seeds.size > 1:
+                ax.axhspan(centre - seeds.std(ddof=1), centre + seeds.std(ddof=1), color=CONSTANT_COLOR,
+                           alpha=SEED_BAND_ALPHA, lw=0)
         ax.set_xlabel("$p_L$, survival probability of the last block (1 = constant depth)")
         ax.set_ylabel(ylabel)
         ax.set_title(title or f"{ylabel[0].upper() + ylabel[1:]} against $p_L$ (dots: single seeds)")

@@ -373,3 +373,29 @@ def test_block_gradient_map_puts_every_configuration_on_one_scale(tmp_path):
     assert fig.axes[0].get_ylabel().startswith("residual block $l$") and images[0].get_extent()[2:] == [0.5, 6.5]
     assert "block's branch" in fig.axes[-1].get_ylabel()
     assert (tmp_path / "m.png").stat().st_size > 5000
+
+
+def test_training_time_bars_split_steps_from_the_rest(tmp_path, no_pyplot_figures):
+    times = {"constant depth": {"wall": [140.0, 150.0], "steps": [120.0, 130.0]},
+             "linear decay": {"wall": [105.0, 115.0], "steps": [90.0, 100.0]}}
+    fig = plots.training_time(times, save=tmp_path / "t.png")
+    (ax,) = fig.axes
+    bars = ax.patches
+    assert [round(b.get_height(), 6) for b in bars] == [125.0, 20.0, 95.0, 15.0]   # steps, then the rest, per bar
+    assert [t.get_text() for t in ax.texts] == ["145 s", "110 s\n-24.1%"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["constant depth", "linear decay"]
+    assert ax.get_ylabel() == "wall-clock time of the run (s)"
+    assert_png(tmp_path / "t.png")
+
+
+def test_paired_seeds_joins_each_seed_and_colours_by_which_is_lower(no_pyplot_figures):
+    fig = plots.paired_seeds({"constant": [5.0, 3.0], "linear": [4.0, 6.0]}, seeds=[0, 1])
+    (ax,) = fig.axes
+    pairs = [line for line in ax.get_lines() if len(line.get_xdata()) == 2 and line.get_marker() == "o"]
+    assert [list(line.get_ydata()) for line in pairs] == [[5.0, 4.0], [3.0, 6.0]]
+    assert pairs[0].get_color() != pairs[1].get_color()                 # linear lower for seed 0 only
+    assert [t.get_text() for t in ax.texts] == ["seed 0", "seed 1"]
+    fig = plots.paired_seeds({"constant": [5.0, 3.0, 4.0], "linear": [4.0, 4.05, 6.0]}, seeds=[0, 1, 2])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["seeds 0, 1", "seed 2"]      # nearly equal: one label
+    with pytest.raises(ValueError, match="one value per seed"):
+        plots.paired_seeds({"a": [1.0], "b": [1.0, 2.0]}, seeds=[0, 1])

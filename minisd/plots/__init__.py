@@ -16,8 +16,8 @@ from minisd.plots.lecture import (conv_filters, default_feature_layers, feature_
                                   gradient_flow, gradient_flow_data, stem_gradient_vs_active_blocks,
                                   survival_schedules, training_curves)
 from minisd.plots.paper import (block_gradient_map, branch_gradient_norms, first_conv_gradient, fit_step_time,
-                                gradient_magnitude, monte_carlo_convergence, step_time_vs_active_blocks, survival_sweep,
-                                test_error_curves)
+                                gradient_magnitude, monte_carlo_convergence, paired_seeds, step_time_vs_active_blocks,
+                                survival_sweep, test_error_curves, training_time)
 from minisd.plots.runs import block_matrix, column, read_metrics, seed_matrix
 from minisd.plots.trace_drawings import (NetworkRaster, network, network_data, stepper_frame, trace_color_limits,
                                          trace_event)
@@ -28,7 +28,7 @@ __all__ = [
     "conv_filters", "feature_maps", "default_feature_layers",
     "trace_event", "trace_color_limits", "network", "network_data", "stepper_frame", "NetworkRaster",
     "gradient_magnitude", "first_conv_gradient", "block_gradient_map", "test_error_curves", "fit_step_time", "step_time_vs_active_blocks",
-    "monte_carlo_convergence", "branch_gradient_norms", "survival_sweep",
+    "monte_carlo_convergence", "branch_gradient_norms", "survival_sweep", "training_time", "paired_seeds",
     "read_metrics", "column", "seed_matrix", "block_matrix",
     "lecture_figure", "new_figure", "save_figure", "figure_png",
     "KEPT_COLOR", "DROPPED_COLOR", "CONSTANT_COLOR", "RUN_COLORS",

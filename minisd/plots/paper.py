@@ -6,6 +6,8 @@
 * :func:`monte_carlo_convergence`     training outputs averaged over gate draws vs the test output
 * :func:`branch_gradient_norms`       each block's branch gradient after one step, dropped blocks marked
 * :func:`survival_sweep`              test error against p_L for the survival rules (the paper's Figure 6)
+* :func:`training_time`               wall-clock time of whole training runs, split into steps and the rest
+* :func:`paired_seeds`                one value per seed for two configurations, each seed's pair joined
 
 Runs are given as label -> one run or several (one per seed): run folders, their metrics.jsonl, or
 lists of epoch records (:mod:`minisd.plots.runs`). Lines are means over seeds, bands the lowest to
@@ -23,7 +25,8 @@ from minisd.plots.figure import (CONSTANT_COLOR, DROPPED_COLOR, KEPT_COLOR, RUN_
 from minisd.plots.runs import block_matrix, lr_drops, seed_matrix, seed_note, seed_runs
 
 __all__ = ["gradient_magnitude", "first_conv_gradient", "block_gradient_map", "test_error_curves", "fit_step_time", "step_time_vs_active_blocks",
-           "monte_carlo_convergence", "branch_gradient_norms", "survival_sweep"]
+           "monte_carlo_convergence", "branch_gradient_norms", "survival_sweep",
+           "training_time", "paired_seeds"]
 
 SEED_BAND_ALPHA = 0.2
 
@@ -385,5 +388,82 @@ def survival_sweep(results: dict, reference=None, ylabel: str = "test error (%)"
         ax.set_title(title or f"{ylabel[0].upper() + ylabel[1:]} against $p_L$ (dots: single seeds)")
         ax.set_ylim(bottom=0)
         ax.legend(frameon=False, loc="best")
+        fig.tight_layout()
+    return save_figure(fig, save)
+
+
+def training_time(times: dict, title=None, save=None):
+    """Wall-clock time of whole training runs, one bar per configuration (the paper's time claim).
+
+    times: label -> {"wall": seconds per seed, "steps": seconds in training steps per seed}. A bar is
+    the mean wall time over seeds, split into the training steps (dark) and the rest (light: the
+    evaluation after every epoch, checkpoints); the error bar is one sample standard deviation of
+    the wall time, the dots the seeds. Each bar after the first is labelled with its saving against
+    the first.
+    """
+    labels = list(times)
+    with lecture_figure((11, 5.5)) as (fig, ax):
+        first = float(numpy.mean(times[labels[0]]["wall"]))
+        for k, label in enumerate(labels):
+            color = RUN_COLORS[k % len(RUN_COLORS)]
+            wall, steps = (numpy.asarray(times[label][key], dtype=float) for key in ("wall", "steps"))
+            ax.bar(k, steps.mean(), color=color, width=0.6, label="training steps" if k == 0 else None)
+            ax.bar(k, wall.mean() - steps.mean(), bottom=steps.mean(), color=color, alpha=0.35, width=0.6,
+                   label="evaluation after each epoch, checkpoints" if k == 0 else None)
+            if wall.size > 1:
+                ax.errorbar(k, wall.mean(), yerr=wall.std(ddof=1), fmt="none", ecolor="black", capsize=6, lw=1.5)
+            ax.plot(numpy.full(wall.size, k + 0.2), wall, "o", color="black", ms=5, alpha=0.6,
+                    label="single seeds" if k == 0 else None)
+            text = f"{wall.mean():.0f} s" + ("" if k == 0 else f"\n{wall.mean() / first - 1:+.1%}")
+            ax.text(k, wall.mean() + (wall.std(ddof=1) if wall.size > 1 else 0) + 0.02 * first, text,
+                    ha="center", va="bottom", fontsize=12)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_ylabel("wall-clock time of the run (s)")
+        ax.set_ylim(0, 1.25 * max(float(numpy.max(times[label]["wall"])) for label in labels))
+        ax.set_title(title or "Time to train, mean over seeds (error bar: ± 1 sd)")
+        ax.legend(frameon=False, loc="upper right")
+        fig.tight_layout()
+    return save_figure(fig, save)
+
+
+def paired_seeds(values: dict, seeds, ylabel: str = "test error (%)", title=None, save=None):
+    """One value per seed for exactly two configurations, each seed's two values joined by a line.
+
+    values: label -> one value per seed, in the order of ``seeds``. A line falling from left to
+    right is a seed where the second configuration is lower. The means are drawn as bars.
+    """
+    (left, right) = list(values)
+    a, b = (numpy.asarray(values[label], dtype=float) for label in (left, right))
+    if a.shape != b.shape or a.size != len(seeds):
+        raise ValueError(f"paired_seeds: expected one value per seed for both labels ({len(seeds)} seeds), "
+                         f"got {a.size} and {b.size}")
+    with lecture_figure((9, 6)) as (fig, ax):
+        for k, label in enumerate((left, right)):
+            v = (a, b)[k]
+            ax.plot([k - 0.25, k + 0.25], [v.mean(), v.mean()], color=RUN_COLORS[k], lw=4,
+                    label=f"{label}: mean {v.mean():.2f}")
+        for y0, y1 in zip(a, b):
+            color = KEPT_COLOR if y1 < y0 else DROPPED_COLOR
+            ax.plot([0, 1], [y0, y1], "-o", color=color, ms=6, lw=1.5, alpha=0.8)
+        # Seeds whose right-hand values nearly coincide share one label, so that no two labels overlap.
+        close = 0.03 * max(float(numpy.max(a)), float(numpy.max(b)))
+        groups = []
+        for seed, y1 in sorted(zip(seeds, b), key=lambda pair: pair[1]):
+            if groups and y1 - groups[-1][-1][1] < close:
+                groups[-1].append((seed, y1))
+            else:
+                groups.append([(seed, y1)])
+        for group in groups:
+            names = ", ".join(str(seed) for seed, _ in group)
+            ax.annotate(f"seed{'s' if len(group) > 1 else ''} {names}", (1, numpy.mean([y for _, y in group])),
+                        xytext=(8, 0), textcoords="offset points", va="center", fontsize=10)
+        ax.plot([], [], "-", color=KEPT_COLOR, label=f"{right} lower for this seed")
+        ax.plot([], [], "-", color=DROPPED_COLOR, label=f"{left} lower or equal")
+        ax.set_xticks([0, 1], [left, right])
+        ax.set_xlim(-0.5, 1.6)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title or f"{len(seeds)} seeds, paired")
+        ax.legend(frameon=False, loc="upper left", fontsize=10)
         fig.tight_layout()
     return save_figure(fig, save)

@@ -140,6 +140,9 @@ def _add_train(sub):
     p.add_argument("--lr-schedule", choices=("step", "cosine", "constant"),
                    help=f"step: divide the learning rate by 10 at 50%% and 75%% of the epochs (the paper); cosine: "
                         f"anneal it to 0; constant: keep it (default {d.lr_schedule})")
+    p.add_argument("--warmup-epochs", type=_count, metavar="N",
+                   help="train the first N epochs at a tenth of the learning rate, then follow --lr-schedule "
+                        "(He et al.'s warm-up for very deep networks; default 0)")
     p.add_argument("--skip-unused", action="store_true", default=None,
                    help="leave the parameters of dropped branches untouched (no weight decay or momentum "
                         "step for them)")

@@ -79,6 +79,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["train", "--seed", "-1"], "expected a whole number from 0 to 2**63 - 1"),
     (["train", "--epochs", "0"], "expected a whole number from 1 to 1,000,000"),
+    (["train", "--warmup-epochs", "-1"], "argument --warmup-epochs: expected a whole number >= 0"),
     # issue 27: absurd values get one line too
     (["train", "--depht", "20"], "unrecognized option '--depht'; did you mean --depth?"),
     (["train", "cifar10", "--epoch", "3"], "unrecognized option '--epoch'; did you mean --epochs?"),

@@ -178,6 +178,11 @@ def test_cosine_and_constant_schedules():
     values = [optim.cosine_lr(0.1, e, 10) for e in range(11)]
     assert all(a > b for a, b in zip(values, values[1:]))
     assert optim.make_lr_schedule("constant", 0.3, 5)(4) == 0.3
+    # Warm-up: the first epochs at a tenth, whatever the schedule, then the schedule as it was.
+    assert [optim.make_lr_schedule("step", 0.1, 4, warmup_epochs=1)(e) for e in range(4)] == pytest.approx(
+        [0.01, 0.1, 0.01, 0.001])
+    assert [optim.make_lr_schedule("constant", 0.3, 4, warmup_epochs=2)(e) for e in range(4)] == pytest.approx(
+        [0.03, 0.03, 0.3, 0.3])
     assert optim.make_lr_schedule("step", 0.1, 4)(3) == pytest.approx(0.001)
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         optim.make_lr_schedule("exp", 0.1, 4)

@@ -254,6 +254,13 @@ def test_evaluate_runs_every_branch_and_restores_the_mode(rng):
     assert not model.training
 
 
+def test_warmup_epochs_run_at_a_tenth_of_the_learning_rate(tmp_path):
+    result = quiet_fit(tiny(epochs=3, lr=0.1, warmup_epochs=1), tmp_path / "warm")
+    assert [r["lr"] for r in result.history] == pytest.approx([0.01, 0.01, 0.001])   # step schedule: 0.1, 0.01, 0.001
+    with pytest.raises(training.SettingsError, match=r"warm-up epochs must be a whole number from 0 to epochs - 1 \(2\), got 3"):
+        tiny(epochs=3, warmup_epochs=3).validate()
+
+
 def test_settings_are_validated():
     with pytest.raises(training.SettingsError, match="6n \\+ 2"):
         training.Settings(depth=10).validate()

@@ -64,7 +64,7 @@ from minisd.training.checkpoints import (CheckpointError, NonFiniteCheckpointErr
 from minisd.training.interrupts import TrainingInterrupted
 from minisd.training.loop import NonFiniteLossError, RunResult, fit, resume
 from minisd.training.metrics import GradientMagnitudes, evaluate
-from minisd.training.run_folder import RunFolderError
+from minisd.training.run_folder import RunFolderError, read_settings_json
 from minisd.training.settings import Settings, SettingsError
 from minisd.training.step import train_step
 
@@ -75,6 +75,7 @@ __all__ = [
     "GradientMagnitudes",
     "fit",
     "resume",
+    "read_settings_json",
     "evaluate",
     "evaluate_checkpoint",
     "save_checkpoint",

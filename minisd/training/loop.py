@@ -102,7 +102,8 @@ class _Trainer:
         self.optimizer = optim.SGD(self.model, lr=settings.lr, momentum=settings.momentum,
                                    nesterov=settings.nesterov, weight_decay=settings.weight_decay,
                                    skip_unused=settings.skip_unused)
-        self.lr_at = optim.make_lr_schedule(settings.lr_schedule, settings.lr, settings.epochs)
+        self.lr_at = optim.make_lr_schedule(settings.lr_schedule, settings.lr, settings.epochs,
+                                            settings.warmup_epochs)
         self.steps_per_epoch = data.num_batches(len(self.dataset.train), settings.batch_size)
         # Position: the next epoch to run (0-based) and the batches of it already done.
         self.epoch, self.step = 0, 0

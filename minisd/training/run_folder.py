@@ -240,6 +240,8 @@ def _read_json(path):
 
 
 def read_settings_json(run_dir) -> Settings:
+    """The validated Settings a run folder's settings.json holds (a stored run's, to train it again);
+    RunFolderError naming the file if it cannot be read or holds no valid settings."""
     path = os.path.join(run_dir, "settings.json")
     try:
         values = _read_json(path)

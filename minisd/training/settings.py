@@ -44,6 +44,7 @@ class Settings:
     nesterov: bool = True
     weight_decay: float = 1e-4
     lr_schedule: str = "step"
+    warmup_epochs: int = 0          # the first N epochs at lr / 10 (He et al. 2016's warm-up for very deep nets)
     skip_unused: bool = False       # leave parameters of dropped branches untouched (see optim.SGD)
     translate: int | None = None    # augmentation: max shift in pixels (digits 1, cifar10 4)
     flip: bool | None = None        # augmentation: horizontal flips (digits no, cifar10 yes)
@@ -110,6 +111,8 @@ class Settings:
                                              f"{_short(self.epochs)}"),
             (self.batch_size >= 2, f"batch size must be >= 2 (batch norm needs two samples), got {self.batch_size}"),
             (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a positive number, got {self.lr}"),
+            (0 <= self.warmup_epochs < self.epochs,
+             f"warm-up epochs must be a whole number from 0 to epochs - 1 ({self.epochs - 1}), got {_short(self.warmup_epochs)}"),
             (self.translate is None or self.translate >= 0, f"translate must be >= 0 pixels, got {self.translate}"),
             (0 <= self.seed <= MAX_SEED, f"seed must be a whole number in [0, 2**63 - 1], got {_short(self.seed)}"),
             (self.train_subset is None or self.train_subset >= 2,

@@ -21,6 +21,8 @@ import os
 import statistics
 from dataclasses import dataclass
 
+from minisd.training.settings import Settings
+
 __all__ = ["STORED_FILES", "RUNNER_FILE", "Run", "read_run", "load_runs", "select", "sign_flip_test",
            "mean_sd", "format_mean_sd"]
 
@@ -107,10 +109,13 @@ def load_runs(runs_dir) -> dict[str, Run]:
 def select(runs: dict[str, Run], seeds=None, **settings) -> list[Run]:
     """The runs whose settings have the values given (``depth=110, schedule="none"``, ...), sorted
     by seed; ``seeds`` keeps those seeds only. ``final_survival`` is compared to 4 decimals (it is
-    stored as computed, 0.7453703..., and named as 0.7454)."""
+    stored as computed, 0.7453703..., and named as 0.7454). A setting a run's settings.json does not
+    hold (it was stored before the setting existed) has its default value."""
+    defaults = Settings().to_dict()
+
     def matches(run: Run) -> bool:
         for key, wanted in settings.items():
-            value = run.settings.get(key)
+            value = run.settings.get(key, defaults.get(key))
             if key == "final_survival" and wanted is not None and value is not None:
                 if round(value, 4) != round(wanted, 4):
                     return False

@@ -76,6 +76,8 @@ DEEP_SEEDS = (0, 1)
 # plan allows, and the same 30 epochs as the ResNet-110 runs they are compared with. (Measured on
 # 2026-12-05 beside three other programs on two cores: 3.4 s per step, so three times that.)
 DEEP_EPOCHS = 30
+# He et al. (2016) warmed their 110-layer CIFAR net up at lr / 10 for about 400 steps: here one epoch.
+DEEP_WARMUP_EPOCHS = 1
 DIGITS_TRAIN_IMAGES = 1257   # minisd's fixed digits split: 1257 train, 180 validation, 360 test
 DIGITS_EVAL_IMAGES = 180 + 360
 
@@ -100,17 +102,19 @@ def format_p(p: float) -> str:
 
 def run_name(s: Settings) -> str:
     subset = "all" if s.train_subset is None else str(s.train_subset)
+    warmup = f"-warmup{s.warmup_epochs}" if s.warmup_epochs else ""
     return (f"{s.dataset}-resnet{s.depth}-{s.schedule}-p{format_p(s.final_survival)}-train{subset}"
-            f"-e{s.epochs}-seed{s.seed}")
+            f"-e{s.epochs}{warmup}-seed{s.seed}")
 
 
-def planned(depth, schedule, final_survival=0.5, *, seed, epochs=EPOCHS, train_subset=None) -> Settings:
+def planned(depth, schedule, final_survival=0.5, *, seed, epochs=EPOCHS, train_subset=None,
+            warmup_epochs=0) -> Settings:
     """minisd's Settings as they are (digits, batch 32, the paper's optimizer, step schedule), with the
     learning rate for the depth; constant depth is schedule "none" with p_L = 1."""
     if schedule == "none":
         final_survival = 1.0
     return Settings(depth=depth, schedule=schedule, final_survival=final_survival, epochs=epochs, seed=seed,
-                    train_subset=train_subset, lr=learning_rate(depth)).validate()
+                    train_subset=train_subset, lr=learning_rate(depth), warmup_epochs=warmup_epochs).validate()
 
 
 def build_plan(deep_epochs: int = DEEP_EPOCHS) -> dict[str, list[Settings]]:
@@ -127,6 +131,8 @@ def build_plan(deep_epochs: int = DEEP_EPOCHS) -> dict[str, list[Settings]]:
                       for seed in SMALLDATA_SEEDS for schedule in ("none", "linear")],
         "deep1202": [planned(1202, schedule, 0.5, seed=seed, epochs=deep_epochs)
                      for seed in DEEP_SEEDS for schedule in ("none", "linear")],
+        "deep1202warmup": [planned(1202, schedule, 0.5, seed=seed, epochs=deep_epochs, warmup_epochs=DEEP_WARMUP_EPOCHS)
+                           for seed in DEEP_SEEDS for schedule in ("none", "linear")],
         # A check of the whole pipeline in seconds (the tests run it): not an experiment.
         "smoke": [planned(8, schedule, 0.5, seed=seed, epochs=2, train_subset=64)
                   for seed in (0, 1) for schedule in ("none", "linear")],
@@ -142,6 +148,7 @@ GROUP_TEXT = {
                  f"{SMALLDATA_EPOCHS} epochs: constant depth against linear decay p_L = 0.5; "
                  f"{len(SMALLDATA_SEEDS)} seeds",
     "deep1202": "ResNet-1202: constant depth against linear decay p_L = 0.5; 2 seeds",
+    "deep1202warmup": "ResNet-1202 as deep1202, with the first epoch at lr / 10 (He et al.'s warm-up); 2 seeds",
     "smoke": "ResNet-8, 64 images, 2 epochs: a check of the pipeline, not an experiment",
 }
 
@@ -177,6 +184,15 @@ split 360 (0.28%), so the choice of checkpoint is noisy.
    1202 is better than constant depth at 1202). With {DEEP_EPOCHS} epochs on the digits we expect constant-depth
    ResNet-1202 no better than constant-depth ResNet-110, and linear decay at 1202 no worse than constant
    depth at 1202; with 2 seeds, only a difference larger than both runs' spread is read as one.
+6. **deep1202warmup** (added on 2026-12-06, after deep1202's two seed-0 runs had been seen, before
+   any run of this group). Both seed-0 runs of deep1202 blew up in their first epoch (training loss 53
+   with constant depth, 31 with linear decay) and then stayed at chance (about 10% accuracy) for all
+   {DEEP_EPOCHS} epochs, while a probe of 2 epochs at lr 0.0025 learned (30% validation accuracy after
+   epoch 2). Diagnosis to test: the first steps at lr 0.025 are too large for 600 blocks (at
+   initialisation the gradient at the stem of ResNet-1202 is about 15 times ResNet-110's, notebook 8).
+   With He et al.'s warm-up (the first epoch at lr / 10, then the same schedule) ResNet-1202 trains
+   with both schedules: a best-validation test error far below chance (under 20%) for every run. If
+   it does, hypothesis 5 is read on these runs.
 """
 
 

@@ -132,6 +132,8 @@ def test_runner_stores_skips_resumes_and_summarises(tmp_path, capsys):
     assert sorted(runs) == sorted(names)
     linear = experiments.select(runs, depth=8, schedule="linear", final_survival=0.5)
     assert [r.seed for r in linear] == [0, 1] and all(r.settings["schedule"] == "linear" for r in linear)
+    assert experiments.select(runs, depth=8, warmup_epochs=0) == experiments.select(runs, depth=8)  # the default
+    assert experiments.select(runs, depth=8, warmup_epochs=1) == []
     assert experiments.select(runs, seeds=(1,), depth=8, schedule="none") == [runs[n] for n in names if "none" in n and n.endswith("seed1")]
     run = runs[names[1]]
     assert run.best_error == pytest.approx(100 * (1 - run.summary["test_acc"]))

@@ -7,11 +7,8 @@ for stochastic depth, each with its own gates). A few seconds.
 docs/gradient_magnitude.png: the paper's Figure 8 on the digits: the mean absolute gradient of the
 first convolution's weight per epoch (``first_conv_grad`` in metrics.jsonl), ResNet-110, constant
 depth vs linear decay to p_L = 0.5, three seeds of 30 epochs each at lr 0.025 (the paper's 0.1 for
-batches of 128, scaled to batches of 32), exactly as notebook 8 trains them. The six runs go to
---runs (default runs/figure8), named as notebook 8 names them; finished runs found there are
-reused (notebook 8's own run folder works), interrupted ones resumed. About half an hour on two
-cores (set OPENBLAS_NUM_THREADS=1 MINISD_NUM_THREADS=1 when other programs share the cores: waiting
-threads then cost far more than they gain).
+batches of 128, scaled to batches of 32): the stored runs that notebook 8 reads (--runs, default
+experiments/runs, made by scripts/run_experiments.py). Nothing is trained.
 
     python scripts/make_figures.py                          # both
     python scripts/make_figures.py gradient_flow            # only the quick one
@@ -26,7 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from minisd import backend, data, models, plots, trace, training  # noqa: E402
+from minisd import backend, data, experiments, models, plots, trace  # noqa: E402
 from minisd.training import train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,28 +50,17 @@ def gradient_flow(path, depth=110, batch=32, seed=0):
     return path
 
 
-def trained_runs(runs_dir, depth, schedule, final_survival, seeds, epochs, lr):
-    """Run folders of one configuration, one per seed: trained, resumed or reused as found."""
-    folders = []
-    for seed in seeds:
-        folder = os.path.join(runs_dir, f"resnet{depth}-{schedule}-p{final_survival}-lr{lr}-seed{seed}")
-        if os.path.exists(os.path.join(folder, "summary.json")):
-            print(f"reusing {folder}", flush=True)
-        elif os.path.exists(os.path.join(folder, "last.npz")):
-            training.resume(folder, progress=False)
-        else:
-            settings = training.Settings(depth=depth, schedule=schedule, final_survival=final_survival, seed=seed,
-                                      epochs=epochs, lr=lr)
-            training.fit(settings, run_dir=folder, progress=False)
-        folders.append(folder)
-    return folders
-
-
-def gradient_magnitude(path, runs_dir, depth=110, seeds=(0, 1, 2), epochs=30, lr=0.025):
-    runs = {"constant depth": trained_runs(runs_dir, depth, "none", 1.0, seeds, epochs, lr),
-            "stochastic depth (linear, p_L = 0.5)": trained_runs(runs_dir, depth, "linear", 0.5, seeds, epochs, lr)}
+def gradient_magnitude(path, runs_dir, depth=110, epochs=30):
+    stored = experiments.load_runs(runs_dir)
+    runs = {label: [r.metrics for r in experiments.select(stored, depth=depth, schedule=schedule, final_survival=p,
+                                                          epochs=epochs, train_subset=None, warmup_epochs=0)]
+            for label, schedule, p in (("constant depth", "none", 1.0),
+                                       ("stochastic depth (linear, p_L = 0.5)", "linear", 0.5))}
+    if not all(runs.values()):
+        raise SystemExit(f"make_figures: no stored ResNet-{depth} runs of {epochs} epochs in {runs_dir}")
+    seeds = len(runs["constant depth"])
     fig = plots.gradient_magnitude(runs)
-    fig.suptitle(f"ResNet-{depth} trained on the digits ({len(seeds)} seeds, {epochs} epochs): mean |gradient| "
+    fig.suptitle(f"ResNet-{depth} trained on the digits ({seeds} seeds, {epochs} epochs): mean |gradient| "
                  "at the first convolution", fontsize=14)
     fig.savefig(path, dpi=150, bbox_inches="tight", facecolor="white")
     return path
@@ -83,8 +69,8 @@ def gradient_magnitude(path, runs_dir, depth=110, seeds=(0, 1, 2), epochs=30, lr
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("figures", nargs="*", help=f"which figures (default: all of {', '.join(FIGURES)})")
-    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "figure8"),
-                        help="folder for the training runs behind docs/gradient_magnitude.png")
+    parser.add_argument("--runs", default=os.path.join(ROOT, "experiments", "runs"),
+                        help="the stored runs behind docs/gradient_magnitude.png (default experiments/runs)")
     args = parser.parse_args(argv)
     unknown = [f for f in args.figures if f not in FIGURES]
     if unknown:

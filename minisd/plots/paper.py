@@ -248,7 +248,7 @@ def step_time_vs_active_blocks(active_blocks, seconds, num_blocks: int, expected
     k = numpy.asarray(active_blocks, dtype=float)
     t_ms = 1e3 * numpy.asarray(seconds, dtype=float)
     jitter = numpy.random.default_rng(0).uniform(-0.25, 0.25, k.size)  # see overlapping points
-    with lecture_figure((10, 5.6)) as (fig, ax):
+    with lecture_figure((11, 5.6)) as (fig, ax):
         ax.plot(k + jitter, t_ms, "o", color=KEPT_COLOR, alpha=0.5, ms=6, mew=0, label=f"{k.size} timed steps")
         line_k = numpy.array([0.0, float(num_blocks)])
         ax.plot(line_k, 1e3 * (fit["fixed_s"] + fit["per_block_s"] * line_k), "-", color="black", lw=2.2,
@@ -360,7 +360,7 @@ def survival_sweep(results: dict, reference=None, ylabel: str = "test error (%)"
     dots are the single seeds. reference: constant depth, optional: one number (a dashed line) or
     its values per seed (a dashed line at their mean and a grey band of one standard deviation).
     """
-    with lecture_figure((10, 5.5)) as (fig, ax):
+    with lecture_figure((11.5, 5.5)) as (fig, ax):
         p_all = sorted({p for points in results.values() for p in points})
         step = min(numpy.diff(p_all)) if len(p_all) > 1 else 0.1
         for k, (label, points) in enumerate(results.items()):
@@ -402,7 +402,7 @@ def training_time(times: dict, title=None, save=None):
     the first.
     """
     labels = list(times)
-    with lecture_figure((11, 5.5)) as (fig, ax):
+    with lecture_figure((11.5, 5.5)) as (fig, ax):
         first = float(numpy.mean(times[labels[0]]["wall"]))
         for k, label in enumerate(labels):
             color = RUN_COLORS[k % len(RUN_COLORS)]
@@ -437,7 +437,7 @@ def paired_seeds(values: dict, seeds, ylabel: str = "test error (%)", title=None
     if a.shape != b.shape or a.size != len(seeds):
         raise ValueError(f"paired_seeds: expected one value per seed for both labels ({len(seeds)} seeds), "
                          f"got {a.size} and {b.size}")
-    with lecture_figure((9, 6)) as (fig, ax):
+    with lecture_figure((11, 6)) as (fig, ax):
         for k, label in enumerate((left, right)):
             v = (a, b)[k]
             ax.plot([k - 0.25, k + 0.25], [v.mean(), v.mean()], color=RUN_COLORS[k], lw=4,

@@ -78,6 +78,7 @@ DEEP_SEEDS = (0, 1)
 DEEP_EPOCHS = 30
 # He et al. (2016) warmed their 110-layer CIFAR net up at lr / 10 for about 400 steps: here one epoch.
 DEEP_WARMUP_EPOCHS = 1
+DEEP_LOW_LR = 0.0025     # a tenth of ResNet-110's: a 2-epoch probe of ResNet-1202 learned at this rate
 DIGITS_TRAIN_IMAGES = 1257   # minisd's fixed digits split: 1257 train, 180 validation, 360 test
 DIGITS_EVAL_IMAGES = 180 + 360
 
@@ -103,18 +104,20 @@ def format_p(p: float) -> str:
 def run_name(s: Settings) -> str:
     subset = "all" if s.train_subset is None else str(s.train_subset)
     warmup = f"-warmup{s.warmup_epochs}" if s.warmup_epochs else ""
+    lr = "" if s.lr == learning_rate(s.depth) else f"-lr{s.lr:g}"      # named only where it is not the plan's rule
     return (f"{s.dataset}-resnet{s.depth}-{s.schedule}-p{format_p(s.final_survival)}-train{subset}"
-            f"-e{s.epochs}{warmup}-seed{s.seed}")
+            f"-e{s.epochs}{lr}{warmup}-seed{s.seed}")
 
 
 def planned(depth, schedule, final_survival=0.5, *, seed, epochs=EPOCHS, train_subset=None,
-            warmup_epochs=0) -> Settings:
+            warmup_epochs=0, lr=None) -> Settings:
     """minisd's Settings as they are (digits, batch 32, the paper's optimizer, step schedule), with the
-    learning rate for the depth; constant depth is schedule "none" with p_L = 1."""
+    learning rate for the depth unless ``lr`` is given; constant depth is schedule "none" with p_L = 1."""
     if schedule == "none":
         final_survival = 1.0
     return Settings(depth=depth, schedule=schedule, final_survival=final_survival, epochs=epochs, seed=seed,
-                    train_subset=train_subset, lr=learning_rate(depth), warmup_epochs=warmup_epochs).validate()
+                    train_subset=train_subset, lr=learning_rate(depth) if lr is None else lr,
+                    warmup_epochs=warmup_epochs).validate()
 
 
 def build_plan(deep_epochs: int = DEEP_EPOCHS) -> dict[str, list[Settings]]:
@@ -133,6 +136,8 @@ def build_plan(deep_epochs: int = DEEP_EPOCHS) -> dict[str, list[Settings]]:
                      for seed in DEEP_SEEDS for schedule in ("none", "linear")],
         "deep1202warmup": [planned(1202, schedule, 0.5, seed=seed, epochs=deep_epochs, warmup_epochs=DEEP_WARMUP_EPOCHS)
                            for seed in DEEP_SEEDS for schedule in ("none", "linear")],
+        "deep1202lowlr": [planned(1202, schedule, 0.5, seed=seed, epochs=deep_epochs, lr=DEEP_LOW_LR)
+                          for seed in DEEP_SEEDS for schedule in ("none", "linear")],
         # A check of the whole pipeline in seconds (the tests run it): not an experiment.
         "smoke": [planned(8, schedule, 0.5, seed=seed, epochs=2, train_subset=64)
                   for seed in (0, 1) for schedule in ("none", "linear")],
@@ -149,6 +154,7 @@ GROUP_TEXT = {
                  f"{len(SMALLDATA_SEEDS)} seeds",
     "deep1202": "ResNet-1202: constant depth against linear decay p_L = 0.5; 2 seeds",
     "deep1202warmup": "ResNet-1202 as deep1202, with the first epoch at lr / 10 (He et al.'s warm-up); 2 seeds",
+    "deep1202lowlr": f"ResNet-1202 as deep1202 at lr {DEEP_LOW_LR} throughout (a tenth of ResNet-110's); 2 seeds",
     "smoke": "ResNet-8, 64 images, 2 epochs: a check of the pipeline, not an experiment",
 }
 
@@ -193,6 +199,16 @@ split 360 (0.28%), so the choice of checkpoint is noisy.
    With He et al.'s warm-up (the first epoch at lr / 10, then the same schedule) ResNet-1202 trains
    with both schedules: a best-validation test error far below chance (under 20%) for every run. If
    it does, hypothesis 5 is read on these runs.
+7. **deep1202lowlr** (added on 2026-12-06, after the first 4 epochs of deep1202warmup's seed-0 runs,
+   before any run of this group). With the warm-up both seed-0 runs learned in the warm-up epoch
+   (validation accuracy 14% and 24%) and blew up again as soon as the learning rate returned to
+   0.025 (training loss 42 and 27 in epoch 2). So the rate itself is too large for ResNet-1202 here,
+   not only the first steps. At lr {DEEP_LOW_LR} throughout (the step schedule's drops as before)
+   ResNet-1202 trains with both schedules: a best-validation test error under 20% for every run.
+   Then hypothesis 5 on these runs: constant depth at 1202 no better than constant-depth ResNet-110
+   (whose runs had lr 0.025, so that comparison mixes depth with the learning rate), and linear decay at
+   1202 no worse than constant depth at 1202 (the same learning rate: a clean comparison); with 2 seeds
+   only a difference larger than both runs' spread is read as one.
 """
 
 

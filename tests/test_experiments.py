@@ -34,7 +34,11 @@ def test_plan_names_learning_rates_and_sharing():
     everything = {run_experiments.run_name(s): s for runs in plan.values() for s in runs}
     assert len(everything) == len({tuple(sorted(s.to_dict().items())) for s in everything.values()})
     assert "digits-resnet110-linear-p0.5-trainall-e30-seed2" in everything
-    assert all(s.lr == (0.025 if s.depth >= 56 else Settings().lr) for s in everything.values())
+    # The learning rate follows the depth, and a run that departs from the rule says so in its name.
+    for name, s in everything.items():
+        assert (s.lr == (0.025 if s.depth >= 56 else Settings().lr)) == ("-lr" not in name), name
+    assert "digits-resnet1202-linear-p0.5-trainall-e30-lr0.0025-seed1" in everything
+    assert "digits-resnet1202-none-p1-trainall-e30-warmup1-seed0" in everything
     # Matched expected depth: uniform p runs as many blocks as linear decay to 0.5 (40.25 of 54).
     p = run_experiments.matched_uniform_p()
     assert 54 * p == pytest.approx(sum(residual.linear_decay(54, 0.5)))

@@ -27,10 +27,13 @@ from minisd.experiments import load_runs, select, sign_flip_test  # noqa: E402
 DEFAULT_RUNS = os.path.join(plan_module.DEFAULT_OUT, "runs")
 
 
-def find(runs, depth, schedule, p=0.5, seeds=plan_module.SEEDS, epochs=plan_module.EPOCHS, train_subset=None):
-    """The stored runs of one configuration, one per seed found."""
+def find(runs, depth, schedule, p=0.5, seeds=plan_module.SEEDS, epochs=plan_module.EPOCHS, train_subset=None,
+         warmup_epochs=0, lr=None):
+    """The stored runs of one configuration, one per seed found (lr: the plan's rule for the depth
+    unless given)."""
     return select(runs, seeds=seeds, depth=depth, schedule=schedule, final_survival=1.0 if schedule == "none" else p,
-                  epochs=epochs, train_subset=train_subset)
+                  epochs=epochs, train_subset=train_subset, warmup_epochs=warmup_epochs,
+                  lr=plan_module.learning_rate(depth) if lr is None else lr)
 
 
 def blocks_run(depth, schedule, p) -> float:
@@ -98,17 +101,18 @@ def sweep_table(runs) -> list[str]:
 
 def deep_table(runs) -> list[str]:
     lines = ["ResNet-1202 against ResNet-110 on the digits: test error (%) and wall time",
-             f"  {'network':<40} {ERROR_HEADER} {'wall time s':>16}  per seed (best-val / last)"]
-    rows = [(110, "none", plan_module.EPOCHS, plan_module.SEEDS), (110, "linear", plan_module.EPOCHS, plan_module.SEEDS),
-            (1202, "none", plan_module.DEEP_EPOCHS, plan_module.DEEP_SEEDS),
-            (1202, "linear", plan_module.DEEP_EPOCHS, plan_module.DEEP_SEEDS)]
-    deep_epochs = {r.settings["epochs"] for r in runs.values() if r.settings["depth"] == 1202}
-    for depth, schedule, epochs, seeds in rows:
-        for e in (sorted(deep_epochs) if depth == 1202 and deep_epochs else [epochs]):
-            found = find(runs, depth, schedule, 0.5, seeds=seeds, epochs=e)
-            label = f"ResNet-{depth} {'constant depth' if schedule == 'none' else 'linear decay 0.5'}, {e} epochs"
+             f"  {'network':<58} {ERROR_HEADER} {'wall time s':>16}  per seed (best-val / last)"]
+    deep = dict(epochs=plan_module.DEEP_EPOCHS, seeds=plan_module.DEEP_SEEDS)
+    rows = [("ResNet-110 {}, lr 0.025", 110, {}), ("ResNet-1202 {}, lr 0.025", 1202, deep),
+            (f"ResNet-1202 {{}}, lr 0.025, {plan_module.DEEP_WARMUP_EPOCHS} warm-up epoch(s)", 1202,
+             dict(deep, warmup_epochs=plan_module.DEEP_WARMUP_EPOCHS)),
+            (f"ResNet-1202 {{}}, lr {plan_module.DEEP_LOW_LR}", 1202, dict(deep, lr=plan_module.DEEP_LOW_LR))]
+    for text, depth, options in rows:
+        for schedule, name in (("none", "constant depth"), ("linear", "linear decay 0.5")):
+            found = find(runs, depth, schedule, 0.5, **options)
             seeds_text = ", ".join(f"{r.best_error:.2f}/{r.last_error:.2f}" for r in found)
-            lines.append(f"  {label:<40} {error_columns(found)} {mean_sd(r.wall_time for r in found):>16}  {seeds_text}")
+            lines.append(f"  {text.format(name):<58} {error_columns(found)} {mean_sd(r.wall_time for r in found):>16}  "
+                         f"{seeds_text}")
     return lines
 
 

@@ -204,12 +204,12 @@ def test_error_curves(runs: dict, log_scale: bool = True, save=None):
             ax.yaxis.set_minor_formatter(NullFormatter())
         else:
             ax.set_ylim(bottom=0)
-        ax.legend(frameon=False, loc="upper right", fontsize=10)
+        ax.legend(frameon=False, loc="best", fontsize=10)
         if log_scale:
             ax2.set_yscale("log")
         ax2.set_ylabel("training loss (cross-entropy)")
         ax2.set_title("Training loss" + (" (log scale)" if log_scale else ""))
-        ax2.legend(frameon=False, loc="upper right", fontsize=10)
+        ax2.legend(frameon=False, loc="best", fontsize=10)
         fig.suptitle(f"Test error and training loss ({seed_note(runs)})", fontsize=14)
         fig.tight_layout()
     return save_figure(fig, save)
@@ -316,7 +316,7 @@ def monte_carlo_convergence(runs: dict, unit=None, save=None):
             ax.set_title(f"{label}\nafter {series.size} draws: {z:+.1f} σ/√n from the test output", fontsize=13)
             spread = 4 * sigma / math.sqrt(10)
             ax.set_ylim(target - spread, target + spread)
-            ax.legend(frameon=False, loc="upper right", fontsize=10)
+            ax.legend(frameon=False, loc="best", fontsize=10)
         fig.tight_layout()
     return save_figure(fig, save)
 
@@ -454,7 +454,7 @@ def paired_seeds(values: dict, seeds, ylabel: str = "test error (%)", title=None
             else:
                 groups.append([(seed, y1)])
         for group in groups:
-            names = ", ".join(str(seed) for seed, _ in group)
+            names = ", ".join(str(seed) for seed in sorted(seed for seed, _ in group))
             ax.annotate(f"seed{'s' if len(group) > 1 else ''} {names}", (1, numpy.mean([y for _, y in group])),
                         xytext=(8, 0), textcoords="offset points", va="center", fontsize=10)
         ax.plot([], [], "-", color=KEPT_COLOR, label=f"{right} lower for this seed")

@@ -11,10 +11,12 @@ fast tier, ``minisd.kernels.fast``) are checked against them.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 
 import numpy as np
 
-from minisd import backend
+from minisd import backend, optim
 
 
 def dev(a, dtype=None):
@@ -233,3 +235,17 @@ def non_white_share(image) -> float:
     """The share of pixels of a PIL image that are drawn (not near white)."""
     rgb = np.asarray(image.convert("RGB"))
     return float((rgb.min(axis=2) < 235).mean())
+
+
+def interrupt_after_steps(monkeypatch, after_steps):
+    """Send ourselves Ctrl-C right after the optimizer's ``after_steps``-th step (monkeypatch.undo() ends it)."""
+    original = optim.SGD.step
+    calls = {"n": 0}
+
+    def step(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == after_steps:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(optim.SGD, "step", step)

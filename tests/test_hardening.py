@@ -23,6 +23,8 @@ from minisd import functional as F
 from minisd.kernels import parallel
 from minisd.training import files
 
+from helpers import interrupt_after_steps
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "32", "--train-subset", "64", "--quiet"]
 
@@ -291,16 +293,7 @@ def _sigint_after_first_epoch_line(line):
 
 
 def test_positions_name_epochs_and_steps_unambiguously(tmp_path, monkeypatch):
-    original = optim.SGD.step
-    calls = {"n": 0}
-
-    def step(self):
-        original(self)
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2, step 1 (2 steps an epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(optim.SGD, "step", step)
+    interrupt_after_steps(monkeypatch, 3)  # epoch 2, step 1 (2 steps an epoch)
     run = tmp_path / "my run"
     with pytest.raises(training.TrainingInterrupted) as info:
         training.fit(tiny(epochs=3), run_dir=run, **quiet())

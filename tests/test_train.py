@@ -14,6 +14,8 @@ import pytest
 from minisd import backend, data, models, optim, training
 from minisd import functional as F
 
+from helpers import interrupt_after_steps
+
 
 def tiny(**overrides):
     """A run that takes about a second: ResNet-8 on 96 digits, batches of 32 (3 steps an epoch)."""
@@ -121,20 +123,6 @@ def test_stop_after_outside_the_run_is_refused_by_name(tmp_path, bad):
         training.fit(tiny(epochs=3), run_dir=tmp_path / "run", log=lambda line: None, progress=False, stop_after=bad)
 
 
-def _interrupt_when(monkeypatch, after_steps):
-    """Send ourselves Ctrl-C right after the optimizer's ``after_steps``-th step."""
-    original = optim.SGD.step
-    calls = {"n": 0}
-
-    def step(self):
-        original(self)
-        calls["n"] += 1
-        if calls["n"] == after_steps:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(optim.SGD, "step", step)
-
-
 @pytest.mark.parametrize("where", ["after-epoch-1", "last-step-of-epoch-1", "mid-epoch-2"])
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, where, reference):
     """Ctrl-C after epoch 1, during its last step, or inside epoch 2, then resume: the same weights."""
@@ -145,7 +133,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, where,
             if line.startswith("epoch 1/"):
                 os.kill(os.getpid(), signal.SIGINT)
     else:
-        _interrupt_when(monkeypatch, 3 if where == "last-step-of-epoch-1" else 4)
+        interrupt_after_steps(monkeypatch, 3 if where == "last-step-of-epoch-1" else 4)
     with pytest.raises(training.TrainingInterrupted, match="resume with: minisd train --resume") as info:
         training.fit(tiny(epochs=3), run_dir=tmp_path / "cut", log=log or (lambda line: None), progress=False)
     assert info.value.checkpoint == str(tmp_path / "cut" / "last.npz")
@@ -515,7 +503,7 @@ def test_ctrl_c_during_evaluation_stops_and_resumes_exactly(tmp_path, monkeypatc
 
 
 def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, monkeypatch):
-    _interrupt_when(monkeypatch, 1)  # the first press, after step 1
+    interrupt_after_steps(monkeypatch, 1)  # the first press, after step 1
     original = training.save_checkpoint
     lines = []
 
@@ -582,7 +570,7 @@ def test_fit_and_resume_give_back_the_callers_tier_and_backend(tmp_path, monkeyp
     with pytest.raises(training.SettingsError):
         training.resume(run, log=lambda line: None, progress=False, kernels_name="quick")
     assert kernels.active() == "fast"
-    _interrupt_when(monkeypatch, 1)
+    interrupt_after_steps(monkeypatch, 1)
     with pytest.raises(training.TrainingInterrupted):
         quiet_fit(tiny(epochs=1, kernels="reference"), tmp_path / "cut")
     assert kernels.active() == "fast"
